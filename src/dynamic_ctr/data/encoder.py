@@ -1,0 +1,313 @@
+"""The feature encoder: vocabularies and buckets fitted on the training split only.
+
+Every field becomes integer indices (see :mod:`dynamic_ctr.spec`: 0 padding, 1 OOV,
+values from 2):
+
+- categorical: a vocabulary of the values seen at least ``min_count`` times in the
+  training split (missing values are a value of their own);
+- numeric: bucketed first (``log``: ``floor(log(v)^2)`` for ``v > 2``, else ``v``
+  itself, as in DynInt §4.1 and the Criteo winners; or ``quantile`` edges fitted on
+  the training split), then treated as categorical;
+- multi-valued: each item through a vocabulary, written as ``max_len`` padded index
+  columns plus a length column.
+
+The fitted encoder is plain JSON (:meth:`FeatureEncoder.to_dict`), so it can be read
+back anywhere to re-encode new data identically. Transforming works on chunks of rows,
+so intermediate arrays stay a bounded size however long the table is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dynamic_ctr.data.schema import TableSchema
+from dynamic_ctr.spec import FIRST_VALUE_INDEX, OOV_INDEX, PAD_INDEX, FeatureSpec, FieldSpec
+
+ENCODER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    """``features.encoder`` parameters.
+
+    Args:
+        min_count: values seen fewer times in the training split map to OOV.
+        min_count_per_field: overrides of ``min_count`` by field.
+        numeric_buckets: ``log`` or ``quantile``.
+        quantile_buckets: number of quantile buckets.
+        max_len: slots of a multi-valued field by name; fields not listed get the
+            99th percentile of training lengths, at most ``max_len_cap``.
+        max_len_cap: upper bound of the automatic ``max_len``.
+        chunk_rows: rows transformed at a time.
+    """
+
+    min_count: int = 1
+    min_count_per_field: dict[str, int] = field(default_factory=dict)
+    numeric_buckets: str = "log"
+    quantile_buckets: int = 32
+    max_len: dict[str, int] = field(default_factory=dict)
+    max_len_cap: int = 32
+    chunk_rows: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.numeric_buckets not in ("log", "quantile"):
+            raise ValueError(f"features.encoder.numeric_buckets={self.numeric_buckets!r}; use 'log' or 'quantile'")
+        if self.min_count < 1:
+            raise ValueError(f"features.encoder.min_count={self.min_count} must be >= 1")
+        if self.chunk_rows < 1:
+            raise ValueError(f"features.encoder.chunk_rows={self.chunk_rows} must be >= 1")
+
+
+@dataclass
+class FieldEncoder:
+    """The fitted encoding of one column. ``vocab[i]`` gets index ``i + 2``."""
+
+    name: str
+    kind: str  # categorical | numeric | multi_valued
+    source: str
+    vocab: list[Any]
+    max_len: int = 1
+    bucketing: str | None = None
+    edges: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self._value_set = _value_array(self.vocab)
+
+    # --- numeric buckets -------------------------------------------------------------
+    def bucket(self, values: pa.Array) -> pa.Array:
+        """Numeric values -> int64 bucket ids (null stays null)."""
+        v = values.to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.isnan(v)
+        if self.bucketing == "quantile":
+            ids = np.searchsorted(np.asarray(self.edges, dtype=np.float64), v, side="right").astype(np.int64)
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                big = v > 2
+                ids = np.where(big, np.floor(np.log(np.where(big, v, 3.0)) ** 2), np.floor(v))
+            ids = np.nan_to_num(ids, nan=0).astype(np.int64)
+        return pa.array(ids, pa.int64(), mask=missing)
+
+    # --- lookup ---------------------------------------------------------------------
+    def indices(self, values: pa.Array) -> np.ndarray:
+        """Values (already bucketed) -> int32 indices; unseen values -> OOV."""
+        if len(self._value_set) == 0:
+            return np.full(len(values), OOV_INDEX, dtype=np.int32)
+        values = _comparable(values, self._value_set.type)
+        pos = pc.index_in(values, value_set=self._value_set, skip_nulls=False)
+        return (pos.fill_null(OOV_INDEX - FIRST_VALUE_INDEX).to_numpy(zero_copy_only=False) + FIRST_VALUE_INDEX).astype(np.int32)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + FIRST_VALUE_INDEX
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "source": self.source, "vocab": self.vocab,
+            "max_len": self.max_len, "bucketing": self.bucketing, "edges": self.edges,
+        }
+
+
+def _value_array(vocab: list[Any]) -> pa.Array:
+    non_null = [v for v in vocab if v is not None]
+    if non_null and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in non_null):
+        return pa.array(vocab, pa.int64())
+    return pa.array([None if v is None else str(v) for v in vocab], pa.string())
+
+
+def _comparable(values: pa.Array, target: pa.DataType) -> pa.Array:
+    if values.type == target:
+        return values
+    if pa.types.is_integer(target) and pa.types.is_integer(values.type):
+        return values.cast(target)
+    return values.cast(pa.string()) if pa.types.is_string(target) else pc.cast(values, target, safe=False)
+
+
+def _as_array(column: pd.Series | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pd.Series):
+        column = pa.array(column, from_pandas=True)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
+    if pa.types.is_large_list(column.type):
+        column = column.cast(pa.list_(column.type.value_type))
+    return column
+
+
+def _fit_vocab(values: pa.Array, min_count: int) -> list[Any]:
+    counts = pc.value_counts(values)
+    vals = counts.field("values").to_pylist()
+    cnts = counts.field("counts").to_numpy()
+    keep = [(c, v) for v, c in zip(vals, cnts) if c >= min_count]
+    # Most frequent first; ties broken by the value's text so the order is reproducible.
+    keep.sort(key=lambda cv: (-cv[0], "" if cv[1] is None else str(cv[1])))
+    return [v.item() if isinstance(v, np.generic) else v for _, v in keep]
+
+
+class FeatureEncoder:
+    """Fitted encoders of every feature of a :class:`TableSchema`."""
+
+    def __init__(self, fields: list[FieldEncoder], schema: TableSchema, params: EncoderParams) -> None:
+        self.fields = fields
+        self.schema = schema
+        self.params = params
+
+    # --- fit --------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, train: pd.DataFrame, schema: TableSchema, params: EncoderParams) -> FeatureEncoder:
+        """Fit on the training split only."""
+        missing = [c for c in schema.features if c not in train.columns]
+        if missing:
+            raise ValueError(f"training table lacks schema column(s) {missing}")
+        fields: list[FieldEncoder] = []
+        for name in schema.features:
+            min_count = params.min_count_per_field.get(name, params.min_count)
+            column = _as_array(train[name])
+            source = schema.source_of(name)
+            if name in schema.numeric:
+                proto = FieldEncoder(name, "numeric", source, [], bucketing=params.numeric_buckets,
+                                     edges=_quantile_edges(column, params.quantile_buckets) if params.numeric_buckets == "quantile" else None)
+                fields.append(FieldEncoder(**{**proto.to_dict(), "vocab": _fit_vocab(proto.bucket(column), min_count)}))
+            elif name in schema.multi_valued:
+                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+                auto = int(np.clip(np.ceil(np.percentile(lengths, 99)) if len(lengths) else 1, 1, params.max_len_cap))
+                max_len = int(params.max_len.get(name, auto))
+                fields.append(FieldEncoder(name, "multi_valued", source, _fit_vocab(pc.list_flatten(column), min_count), max_len=max_len))
+            else:
+                fields.append(FieldEncoder(name, "categorical", source, _fit_vocab(column, min_count)))
+        return cls(fields, schema, params)
+
+    # --- transform ----------------------------------------------------------------------
+    def transform(self, table: pd.DataFrame, passthrough: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
+        """Encode ``table`` chunk by chunk.
+
+        Returns:
+            The encoded frame (``label`` int8, one int32 column per categorical or
+            numeric field, ``name__i`` int32 slots and ``name__len`` int16 for
+            multi-valued fields, then ``passthrough`` columns as they are), and per
+            field the number of rows holding an unseen value (``oov_rows``) and, for
+            multi-valued fields, rows cut to ``max_len`` (``truncated_rows``).
+        """
+        missing = [c for c in [*self.schema.features, self.schema.label] if c not in table.columns]
+        if missing:
+            raise ValueError(f"table to encode lacks column(s) {missing}")
+        stats = {f.name: {"oov_rows": 0, "truncated_rows": 0} for f in self.fields}
+        chunks: list[dict[str, np.ndarray]] = []
+        for start in range(0, max(len(table), 1), self.params.chunk_rows):
+            part = table.iloc[start : start + self.params.chunk_rows]
+            chunks.append(self._transform_chunk(part, stats))
+        columns = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        encoded = pd.DataFrame(columns)
+        for name in passthrough:
+            encoded[name] = table[name].to_numpy()
+        return encoded, stats
+
+    def _transform_chunk(self, part: pd.DataFrame, stats: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"label": _as_array(part[self.schema.label]).to_numpy(zero_copy_only=False).astype(np.int8)}
+        for enc in self.fields:
+            column = _as_array(part[enc.name])
+            if enc.kind == "multi_valued":
+                slots, lengths, oov_rows, truncated = _encode_lists(enc, column)
+                for i in range(enc.max_len):
+                    out[f"{enc.name}__{i}"] = slots[:, i]
+                out[f"{enc.name}__len"] = lengths
+                stats[enc.name]["truncated_rows"] += truncated
+            else:
+                ids = enc.indices(enc.bucket(column) if enc.kind == "numeric" else column)
+                oov_rows = int((ids == OOV_INDEX).sum())
+                out[enc.name] = ids
+            stats[enc.name]["oov_rows"] += oov_rows
+        return out
+
+    # --- spec and serialisation -------------------------------------------------------------
+    def feature_spec(self) -> FeatureSpec:
+        fields = tuple(
+            FieldSpec(
+                name=f.name,
+                kind="sequence" if f.kind == "multi_valued" else "categorical",
+                vocab_size=f.vocab_size,
+                max_len=f.max_len if f.kind == "multi_valued" else 1,
+                source=f.source,
+            )
+            for f in self.fields
+        )
+        return FeatureSpec(fields=fields, label="label", user_field=self.schema.user_key, item_field=self.schema.item_key)
+
+    def field(self, name: str) -> FieldEncoder:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"encoder has no field {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": ENCODER_FORMAT,
+            "schema": self.schema.to_dict(),
+            "params": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.params.__dict__.items()},
+            "fields": [f.to_dict() for f in self.fields],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureEncoder:
+        if d.get("format_version") != ENCODER_FORMAT:
+            raise ValueError(f"encoder format_version={d.get('format_version')!r}; this code reads {ENCODER_FORMAT}")
+        return cls([FieldEncoder(**f) for f in d["fields"]], TableSchema.from_dict(d["schema"]), EncoderParams(**d["params"]))
+
+
+def _quantile_edges(values: pa.Array, buckets: int) -> list[float]:
+    v = values.to_numpy(zero_copy_only=False).astype(np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return []
+    return np.unique(np.quantile(v, np.linspace(0, 1, buckets + 1)[1:-1])).tolist()
+
+
+def _encode_lists(enc: FieldEncoder, column: pa.Array) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``list<string>`` -> ``(N, max_len)`` int32 slots, ``(N,)`` int16 lengths, OOV rows, cut rows."""
+    n = len(column)
+    column = column.fill_null(pa.scalar([], column.type))
+    flat = pc.list_flatten(column)
+    parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+    ids = enc.indices(flat)
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    position = np.arange(len(ids)) - offsets[parents]
+    keep = position < enc.max_len
+    slots = np.full((n, enc.max_len), PAD_INDEX, dtype=np.int32)
+    slots[parents[keep], position[keep]] = ids[keep]
+    counts = np.diff(offsets)
+    oov_rows = int(np.unique(parents[ids == OOV_INDEX]).size)
+    return slots, np.minimum(counts, enc.max_len).astype(np.int16), oov_rows, int((counts > enc.max_len).sum())
+
+
+def aggregate_item_lists(
+    train: pd.DataFrame, others: list[pd.DataFrame], schema: TableSchema
+) -> tuple[pd.DataFrame, list[pd.DataFrame], dict[str, int]]:
+    """Replace each ``item_aggregated`` list by its union over the item's training rows.
+
+    Items keep their values ordered by how often they were given in training. Rows of
+    items that never appear in training get an empty list. Only training rows are read,
+    so no validation or test interaction leaks into a feature.
+    """
+    counts: dict[str, int] = {}
+    for name in schema.item_aggregated:
+        exploded = train[[schema.item_key, name]].explode(name).dropna()
+        freq = exploded.groupby([schema.item_key, name], sort=False).size().rename("n").reset_index()
+        freq = freq.sort_values([schema.item_key, "n", name], ascending=[True, False, True])
+        per_item = freq.groupby(schema.item_key, sort=False)[name].agg(list)
+        counts[f"{name}_items_with_values"] = int(len(per_item))
+        lookup = per_item.to_dict()
+        list_type = pd.ArrowDtype(pa.list_(pa.string()))
+
+        def apply(frame: pd.DataFrame) -> pd.DataFrame:
+            values = [lookup.get(i, []) for i in frame[schema.item_key].tolist()]
+            return frame.assign(**{name: pd.array(values, dtype=list_type)})
+
+        train, others = apply(train), [apply(o) for o in others]
+    return train, others, counts

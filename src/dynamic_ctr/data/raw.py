@@ -1,0 +1,257 @@
+"""Reading raw click-log files into all-string tables, with errors that name the file.
+
+Every raw file is read with every column as (nullable) text: typing, validation and
+quarantine happen afterwards in :mod:`dynamic_ctr.data.validation`, where a bad value
+can be traced to its file and row. Rows with the wrong number of fields are not
+dropped: they are kept in ``RawTable.malformed`` and end up in the quarantine.
+
+Row numbers are 1-based data-record numbers; ``line`` adds the header line, so for
+files without quoted newlines it is the line an editor shows.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+#: Separators tried when a header does not split into the expected columns.
+_COMMON_SEPARATORS = (",", "\t", ";", "|", " ", "::")
+#: Multi-character separators (MovieLens-1M's ``::``) are rewritten to this byte first.
+_UNIT_SEPARATOR = "\x1f"
+
+
+class RawInputError(ValueError):
+    """A raw file cannot be read as configured; the message names the file."""
+
+
+@dataclass
+class MalformedRow:
+    line: int
+    reason: str
+    text: str
+
+
+@dataclass
+class RawTable:
+    """One raw file as text columns.
+
+    Attributes:
+        path: the file it came from (for messages and the ingestion report).
+        table: every column as ``pa.string()`` (nulls where the file had empty fields
+            or a configured missing marker); parquet inputs keep their own types.
+        lines: ``(N,)`` int64, the line of each row of ``table`` in the file.
+        malformed: rows that did not have the expected number of fields.
+    """
+
+    path: str
+    table: pa.Table
+    lines: np.ndarray
+    malformed: list[MalformedRow] = field(default_factory=list)
+
+    @property
+    def rows_read(self) -> int:
+        return self.table.num_rows + len(self.malformed)
+
+
+@dataclass(frozen=True)
+class RawFileConfig:
+    """How to read one raw file (a ``files:`` entry of :class:`RawSourceDataset`).
+
+    Args:
+        filepath: the file.
+        format: ``delimited`` (CSV, TSV, ``::``-separated ...) or ``parquet``.
+        sep: field separator; any length (multi-character ones are rewritten).
+        header: whether the first line names the columns.
+        names: column names for files without a header (or to override it).
+        typed_header: header cells look like ``name:type`` (RecBole's layout); the
+            ``:type`` suffix is dropped.
+        encoding: text encoding of the file; anything but UTF-8 is transcoded.
+        missing_values: field values that mean "missing" besides the empty field.
+        quoted: whether ``"`` quotes fields (CSV); off for TSV-like formats.
+        optional: a missing file yields ``None`` instead of an error.
+    """
+
+    filepath: str
+    format: str = "delimited"
+    sep: str = ","
+    header: bool = True
+    names: tuple[str, ...] | None = None
+    typed_header: bool = False
+    encoding: str = "utf-8"
+    missing_values: tuple[str, ...] = ()
+    quoted: bool = True
+    optional: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RawFileConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown raw file option(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(d)
+        for key in ("names", "missing_values"):
+            if values.get(key) is not None:
+                values[key] = tuple(str(v) for v in values[key])
+        return cls(**values)
+
+
+def read_raw(cfg: RawFileConfig) -> RawTable | None:
+    """Read one file as configured; see :class:`RawFileConfig`."""
+    path = Path(cfg.filepath)
+    if not path.is_file():
+        if cfg.optional:
+            return None
+        raise RawInputError(f"{path}: file not found")
+    if cfg.format == "parquet":
+        return _read_parquet(path)
+    if cfg.format != "delimited":
+        raise RawInputError(f"{path}: unknown format {cfg.format!r} (use 'delimited' or 'parquet')")
+    return _read_delimited(path, cfg)
+
+
+def _read_parquet(path: Path) -> RawTable:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RawInputError(f"{path}: not a readable Parquet file: {exc}") from exc
+    if table.num_rows == 0:
+        raise RawInputError(f"{path}: file has no rows")
+    return RawTable(str(path), table, np.arange(1, table.num_rows + 1, dtype=np.int64))
+
+
+def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
+    data = path.read_bytes()
+    if not data.strip():
+        raise RawInputError(f"{path}: file is empty")
+    data = _to_utf8(data, path, cfg.encoding)
+    sep = cfg.sep
+    if len(sep) != 1:
+        data = data.replace(sep.encode(), _UNIT_SEPARATOR.encode())
+        sep = _UNIT_SEPARATOR
+
+    first_line = data.split(b"\n", 1)[0].rstrip(b"\r").decode()
+    if cfg.header:
+        names = first_line.split(sep)
+        if cfg.typed_header:
+            names = [n.split(":", 1)[0] for n in names]
+        if cfg.quoted:
+            names = [n.strip('"') for n in names]
+        if cfg.names is not None:
+            names = list(cfg.names)
+    elif cfg.names is not None:
+        names = list(cfg.names)
+    else:
+        raise RawInputError(f"{path}: a file without a header needs 'names'")
+    if len(set(names)) != len(names):
+        raise RawInputError(f"{path}: duplicate column names in header: {names}")
+    _check_separator(path, first_line, sep, cfg.sep, expected=len(names))
+
+    malformed_rows: list[tuple[str, int]] = []
+
+    def on_invalid_row(row: Any) -> str:
+        malformed_rows.append((row.text, row.actual_columns))
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(
+                column_names=names, skip_rows=1 if cfg.header else 0, block_size=1 << 24
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=sep,
+                quote_char='"' if cfg.quoted else False,
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid_row,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names},
+                strings_can_be_null=True,
+                null_values=["", *cfg.missing_values],
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        raise RawInputError(f"{path}: cannot parse as {cfg.sep!r}-separated text: {exc}") from exc
+
+    header_lines = 1 if cfg.header else 0
+    malformed = _locate_malformed(data, malformed_rows, len(names))
+    if table.num_rows == 0 and not malformed:
+        raise RawInputError(f"{path}: file has a header but no rows")
+    if malformed and len(malformed) > table.num_rows:
+        example = malformed[0]
+        raise RawInputError(
+            f"{path}: {len(malformed)} of {len(malformed) + table.num_rows} rows do not have "
+            f"{len(names)} {cfg.sep!r}-separated fields (line {example.line}: {example.reason}); "
+            "wrong separator or wrong column list?"
+        )
+    lines = _good_row_lines(table.num_rows, header_lines, [m.line for m in malformed])
+    return RawTable(str(path), table, lines, malformed)
+
+
+def _to_utf8(data: bytes, path: Path, encoding: str) -> bytes:
+    if encoding.lower().replace("-", "") in ("utf8", "ascii"):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            bad = data[exc.start : exc.start + 4]
+            raise RawInputError(
+                f"{path}: line {line}: bytes {bad!r} are not valid UTF-8 "
+                "(set the file's 'encoding', e.g. latin-1, if it is not UTF-8)"
+            ) from exc
+        return data
+    try:
+        return data.decode(encoding).encode("utf-8")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise RawInputError(f"{path}: cannot decode as {encoding}: {exc}") from exc
+
+
+def _check_separator(path: Path, first_line: str, sep: str, shown_sep: str, expected: int) -> None:
+    """Fail early, with a hint, when the first line does not split as configured."""
+    found = len(first_line.split(sep))
+    if expected <= 1 or found > 1:
+        return
+    likely = [s for s in _COMMON_SEPARATORS if len(first_line.split(s)) == expected]
+    hint = f"; the line splits into {expected} fields on {likely[0]!r}" if likely else ""
+    raise RawInputError(
+        f"{path}: line 1 has 1 field where {expected} were expected with separator "
+        f"{shown_sep!r}{hint}: wrong separator?"
+    )
+
+
+def _locate_malformed(
+    data: bytes, bad_rows: list[tuple[str, int]], expected: int
+) -> list[MalformedRow]:
+    """Find the line of each malformed row (pyarrow reports the text, not the line)."""
+    rows: list[MalformedRow] = []
+    used: dict[bytes, int] = {}
+    padded = b"\n" + data + b"\n"
+    for text, found in bad_rows:
+        needle = b"\n" + text.encode() + b"\n"
+        start = used.get(needle, 0)
+        pos = padded.find(needle, start)
+        if pos < 0:
+            line = -1
+        else:
+            used[needle] = pos + 1
+            line = data.count(b"\n", 0, pos) + 1
+        reason = f"expected {expected} fields, found {found}" if text else "empty line"
+        rows.append(MalformedRow(line=line, reason=reason, text=text))
+    rows.sort(key=lambda r: r.line)
+    return rows
+
+
+def _good_row_lines(n_good: int, header_lines: int, malformed_lines: list[int]) -> np.ndarray:
+    """Lines of the rows pyarrow kept, given the lines of those it skipped."""
+    lines = np.arange(1, n_good + 1, dtype=np.int64) + header_lines
+    for bad in sorted(line for line in malformed_lines if line > 0):
+        lines[lines >= bad] += 1
+    return lines

@@ -1,0 +1,1 @@
+"""Custom Kedro datasets: raw click logs in, models out (no pickle anywhere)."""

@@ -1,0 +1,44 @@
+"""``RawSourceDataset``: the raw files of one click log, read as text tables.
+
+Catalog entry::
+
+    raw_source:
+      type: dynamic_ctr.io.raw_source.RawSourceDataset
+      files:
+        ratings: {filepath: data/01_raw/ml-latest-small/ratings.csv}
+        movies:  {filepath: data/01_raw/ml-latest-small/movies.csv}
+        tags:    {filepath: data/01_raw/ml-latest-small/tags.csv, optional: true}
+
+Each ``files`` entry takes the options of :class:`~dynamic_ctr.data.raw.RawFileConfig`.
+Loading returns ``{name: RawTable | None}``; the ingestion adapter types and checks it.
+The dataset is read-only: raw data is never written by the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+from dynamic_ctr.data.raw import RawFileConfig, RawTable, read_raw
+
+
+class RawSourceDataset(AbstractDataset[None, dict[str, RawTable | None]]):
+    def __init__(self, *, files: dict[str, dict[str, Any]], metadata: dict[str, Any] | None = None) -> None:
+        if not files:
+            raise DatasetError("RawSourceDataset needs at least one entry under 'files'")
+        self._files = {name: RawFileConfig.from_dict(cfg) for name, cfg in files.items()}
+        self.metadata = metadata
+
+    def load(self) -> dict[str, RawTable | None]:
+        return {name: read_raw(cfg) for name, cfg in self._files.items()}
+
+    def save(self, data: None) -> None:
+        raise DatasetError("RawSourceDataset is read-only: the pipeline never writes raw data")
+
+    def _exists(self) -> bool:
+        return all(Path(c.filepath).is_file() or c.optional for c in self._files.values())
+
+    def _describe(self) -> dict[str, Any]:
+        return {name: cfg.filepath for name, cfg in self._files.items()}

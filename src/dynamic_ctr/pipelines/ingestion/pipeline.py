@@ -1,0 +1,24 @@
+"""ingestion: raw_source -> clean_interactions (+ quarantine, schema, report) -> interactions."""
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import check_quarantine, ingest
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                ingest,
+                inputs=["raw_source", "params:ingestion"],
+                outputs=["clean_interactions", "ingestion_quarantine", "table_schema", "ingestion_report"],
+                name="ingest",
+            ),
+            node(
+                check_quarantine,
+                inputs=["clean_interactions", "ingestion_report"],
+                outputs="interactions",
+                name="check_quarantine",
+            ),
+        ]
+    )

@@ -1,0 +1,13 @@
+"""Project settings: only the config loader is changed from Kedro's defaults."""
+
+from kedro.config import OmegaConfigLoader
+from omegaconf.resolvers import oc
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # `${oc.env:DYNAMIC_CTR_DATA_ROOT,data/external}` locates the data sets that may not be
+    # shipped (MovieLens-100K, Criteo, Avazu); see conf/README.md.
+    "custom_resolvers": {"oc.env": oc.env},
+}
