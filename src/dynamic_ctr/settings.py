@@ -10,4 +10,7 @@ CONFIG_LOADER_ARGS = {
     # `${oc.env:DYNAMIC_CTR_DATA_ROOT,data/external}` locates the data sets that may not be
     # shipped (MovieLens-100K, Criteo, Avazu); see conf/README.md.
     "custom_resolvers": {"oc.env": oc.env},
+    # An environment overrides single nested parameters (e.g. training.study.n_trials)
+    # instead of replacing a whole top-level key.
+    "merge_strategy": {"parameters": "soft"},
 }

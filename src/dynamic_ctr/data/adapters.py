@@ -68,7 +68,7 @@ def _time_features(frame: pd.DataFrame, seconds: str) -> pd.DataFrame:
     """Hour of day and weekday (UTC) from a unix-seconds column, as small ints."""
     when = pd.to_datetime(frame[seconds].astype("int64"), unit="s", utc=True)
     return frame.assign(
-        hour=when.dt.hour.astype("int64[pyarrow]"), weekday=when.dt.dayofweek.astype("int64[pyarrow]")
+        hour=when.dt.hour.astype("int64[pyarrow]"), weekday=when.dt.day_of_week.astype("int64[pyarrow]")
     )
 
 
@@ -329,7 +329,8 @@ def avazu(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
               [f"unparsable value: hour={v!r} is not YYMMDDHH" for v in rows["yymmddhh"]],
               rows.astype(str).agg(",".join, axis=1).tolist())
         table, when = table[~bad].reset_index(drop=True), when[~bad].reset_index(drop=True)
-    table["timestamp"] = pd.array(when.astype("int64") // 10**9, dtype="int64[pyarrow]")
+    # Unix seconds whatever the datetime resolution (pandas 3 parses to microseconds).
+    table["timestamp"] = pd.array(when.dt.as_unit("s").astype("int64"), dtype="int64[pyarrow]")
     table = _time_features(table, "timestamp").drop(columns="yymmddhh")
     table = quarantine_duplicates(table, ["id"], raw.path, q)
     schema = TableSchema(

@@ -127,16 +127,25 @@ def _read_parquet(path: Path) -> RawTable:
 
 
 def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
-    data = path.read_bytes()
-    if not data.strip():
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip() and path.stat().st_size <= len(head):
         raise RawInputError(f"{path}: file is empty")
-    data = _to_utf8(data, path, cfg.encoding)
+    is_utf8 = cfg.encoding.lower().replace("-", "") in ("utf8", "ascii")
     sep = cfg.sep
-    if len(sep) != 1:
-        data = data.replace(sep.encode(), _UNIT_SEPARATOR.encode())
-        sep = _UNIT_SEPARATOR
+    # UTF-8 with a one-character separator is read by pyarrow straight from the file;
+    # anything else is transcoded / rewritten in memory first.
+    data: bytes | None = None
+    if not is_utf8 or len(sep) != 1:
+        data = _to_utf8(path.read_bytes(), path, cfg.encoding)
+        if len(sep) != 1:
+            data = data.replace(sep.encode(), _UNIT_SEPARATOR.encode())
+            sep = _UNIT_SEPARATOR
+        head = data[: 1 << 16]
 
-    first_line = data.split(b"\n", 1)[0].rstrip(b"\r").decode()
+    if is_utf8 and head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]  # a UTF-8 byte-order mark (spreadsheet exports) is not part of the header
+    first_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
     if cfg.header:
         names = first_line.split(sep)
         if cfg.typed_header:
@@ -161,7 +170,7 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
 
     try:
         table = pacsv.read_csv(
-            io.BytesIO(data),
+            io.BytesIO(data) if data is not None else str(path),
             read_options=pacsv.ReadOptions(
                 column_names=names, skip_rows=1 if cfg.header else 0, block_size=1 << 24
             ),
@@ -179,10 +188,14 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
             ),
         )
     except pa.ArrowInvalid as exc:
+        if data is None and "utf8" in str(exc).lower().replace("-", ""):
+            _to_utf8(path.read_bytes(), path, cfg.encoding)  # raises, naming the line
         raise RawInputError(f"{path}: cannot parse as {cfg.sep!r}-separated text: {exc}") from exc
 
     header_lines = 1 if cfg.header else 0
-    malformed = _locate_malformed(data, malformed_rows, len(names))
+    malformed: list[MalformedRow] = []
+    if malformed_rows:
+        malformed = _locate_malformed(data if data is not None else path.read_bytes(), malformed_rows, len(names))
     if table.num_rows == 0 and not malformed:
         raise RawInputError(f"{path}: file has a header but no rows")
     if malformed and len(malformed) > table.num_rows:
@@ -198,6 +211,9 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
 
 def _to_utf8(data: bytes, path: Path, encoding: str) -> bytes:
     if encoding.lower().replace("-", "") in ("utf8", "ascii"):
+        # A UTF-8 byte-order mark (as spreadsheet exports write) is not part of the header.
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -233,6 +249,8 @@ def _locate_malformed(
     """Find the line of each malformed row (pyarrow reports the text, not the line)."""
     rows: list[MalformedRow] = []
     used: dict[bytes, int] = {}
+    # pyarrow's row text has no line ending: search CRLF files as LF (same line count).
+    data = data.replace(b"\r\n", b"\n")
     padded = b"\n" + data + b"\n"
     for text, found in bad_rows:
         needle = b"\n" + text.encode() + b"\n"

@@ -177,8 +177,11 @@ def _type_one(values: pa.ChunkedArray, col: Column) -> tuple[pa.Array, np.ndarra
     if col.type == "str":
         return values.combine_chunks().cast(pa.string()), no_bad
     if col.type == "list":
-        text = values.combine_chunks().cast(pa.string())
-        split = pc.split_pattern(text, col.sep)
+        combined = values.combine_chunks()
+        if pa.types.is_list(combined.type) or pa.types.is_large_list(combined.type):
+            split = combined.cast(pa.list_(pa.string()))  # a Parquet list column: already split
+        else:
+            split = pc.split_pattern(combined.cast(pa.string()), col.sep)
         # Missing -> empty list; drop empty items ("a||b").
         split = pc.if_else(split.is_null(), pa.scalar([], pa.list_(pa.string())), split)
         split = _drop_empty_items(split)

@@ -12,12 +12,17 @@ from dynamic_ctr.data.split import SplitParams, split_frame
 
 
 def split_interactions(
-    interactions: pd.DataFrame, table_schema: dict[str, Any], params: dict[str, Any]
+    interactions: pd.DataFrame, table_schema: dict[str, Any], ingestion_check: dict[str, Any], params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Split the clean table (seeded), then aggregate item-level lists on training rows.
 
+    ``ingestion_check`` is the ingestion gate's verdict: the split waits for it, and
+    refuses a table that did not pass.
+
     Returns the train, validation and test tables and a summary of the split.
     """
+    if not ingestion_check.get("passed"):
+        raise ValueError(f"the clean table did not pass the ingestion check: {ingestion_check}")
     schema = TableSchema.from_dict(table_schema)
     split = SplitParams(**{**params, "ratios": tuple(params.get("ratios", SplitParams.ratios))})
     train, valid, test = split_frame(interactions, split, schema.time_key)

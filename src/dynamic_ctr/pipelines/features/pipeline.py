@@ -1,4 +1,4 @@
-"""features: interactions -> primary splits -> fitted encoder -> encoded splits."""
+"""features: clean_interactions -> primary splits -> fitted encoder -> encoded splits."""
 
 from kedro.pipeline import Pipeline, node
 
@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 split_interactions,
-                inputs=["interactions", "table_schema", "params:features.split"],
+                inputs=["clean_interactions", "table_schema", "ingestion_check", "params:features.split"],
                 outputs=["primary_train", "primary_valid", "primary_test", "split_summary"],
                 name="split_interactions",
             ),

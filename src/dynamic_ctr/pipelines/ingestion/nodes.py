@@ -57,11 +57,12 @@ def ingest(raw_source: dict[str, RawTable | None], params: dict[str, Any]) -> tu
     return result.table, quarantine.frame(), result.schema.to_dict(), report
 
 
-def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> pd.DataFrame:
-    """Pass the clean table on, or stop the run when a file lost too many rows.
+def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
+    """Stop the run when a file lost too many rows; otherwise record that it passed.
 
     A separate node from :func:`ingest` so that the quarantine and the report are saved
-    before the run stops: nothing is lost, and the report says what went wrong.
+    before the run stops: nothing is lost, and the report says what went wrong. Its
+    output (``ingestion_check``) is what the ``features`` pipeline waits for.
     """
     allowed = report["max_quarantine_share_allowed"]
     over = {p: f for p, f in report["files"].items() if f["rows_read"] and f["rows_quarantined"] / f["rows_read"] > allowed}
@@ -76,4 +77,4 @@ def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> pd.DataFram
         )
     if clean.empty:
         raise QuarantineLimitError("no rows left after ingestion; see the ingestion_report dataset")
-    return clean
+    return {"passed": True, "rows": len(clean), "max_quarantined_share": report["max_quarantined_share"], "allowed": allowed}

@@ -1,4 +1,4 @@
-"""ingestion: raw_source -> clean_interactions (+ quarantine, schema, report) -> interactions."""
+"""ingestion: raw_source -> clean_interactions (+ quarantine, schema, report) -> ingestion_check (the gate)."""
 
 from kedro.pipeline import Pipeline, node
 
@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 check_quarantine,
                 inputs=["clean_interactions", "ingestion_report"],
-                outputs="interactions",
+                outputs="ingestion_check",
                 name="check_quarantine",
             ),
         ]

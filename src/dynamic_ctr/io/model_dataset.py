@@ -1,0 +1,77 @@
+"""``ModelBundleDataset``: trained models as safetensors + JSON config, versioned.
+
+A bundle is ``{name: model}`` (one model per training seed, e.g. ``seed_2024``). Each
+model is written by :func:`dynamic_ctr.training.checkpoint.save_checkpoint` into
+``<filepath>/<version>/<name>/`` (``model.safetensors`` + ``config.json``) and read back
+by rebuilding the module from its config: nothing is pickled. The whole bundle is
+written into a temporary folder and renamed into place, so a failed save leaves no
+half-written version.
+
+Catalog entry (a factory covers every variant)::
+
+    "{variant}.trained_model":
+      type: dynamic_ctr.io.model_dataset.ModelBundleDataset
+      filepath: data/06_models/${globals:dataset}/{variant}/trained_model
+      versioned: true
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kedro.io import AbstractVersionedDataset, DatasetError, Version
+from torch import nn
+
+from dynamic_ctr.training.checkpoint import load_checkpoint, save_checkpoint
+
+ModelBundle = dict[str, nn.Module]
+
+
+class ModelBundleDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(filepath=PurePosixPath(filepath), version=version, exists_function=self._path_exists)
+        self.metadata = metadata
+
+    @staticmethod
+    def _path_exists(path: str) -> bool:
+        return Path(path).is_dir()
+
+    def load(self) -> ModelBundle:
+        root = Path(self._get_load_path())
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise DatasetError(f"{root}: no model checkpoints in this bundle")
+        return {name: load_checkpoint(root / name) for name in names}
+
+    def save(self, data: ModelBundle) -> None:
+        if not data:
+            raise DatasetError("refusing to save an empty model bundle")
+        target = Path(self._get_save_path())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            for name, model in data.items():
+                save_checkpoint(model, tmp / name)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).is_dir()
+        except DatasetError:
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}

@@ -1,0 +1,78 @@
+"""CTR models with static or APG (adaptive parameter generation) dense towers.
+
+Needs torch and the standard library only (no Kedro, no pandas).
+
+Shapes (used in every docstring and ``# (...)`` comment of this package):
+
+====  ==============================================================
+B     batch size
+S     input slots, ``spec.num_slots`` (one per categorical field, ``max_len``
+      per sequence field)
+F     fields (categorical + sequence); embeddings are ``(B, F, D)``
+D     embedding width (``embedding_dim``)
+E     flattened embedding width, ``F * D``
+H     hidden width of a dense-tower layer; M = d_in, N = d_out of one layer
+K     APG rank (``apg.rank``); generated cores ``S_i`` are ``(B, K, K)``
+P     inner width of over-parameterised factors (``apg.width``)
+J     factors per shared matrix in stacked over-parameterisation (``apg.stack``)
+C     width of an APG condition z; G the number of mix-wise condition fields
+Q     number of values a generator emits per instance
+====  ==============================================================
+
+Input contract: ``model(x)`` with ``x`` an int64 ``(B, S)`` tensor of per-field local
+indices, columns in ``spec.index_columns`` order (0 = pad, 1 = OOV), returns ``(B,)``
+logits.
+
+Config (``build_model``; keys and defaults, all JSON-able)::
+
+    {
+      "family": "wdl",              # dnn | wdl | deepfm | dcn | dcnv2
+      "embedding_dim": 16,          # D
+      "hidden_units": [256, 128, 64],
+      "dropout": 0.0,
+      "batch_norm": false,
+      "cross_layers": 3,            # dcn / dcnv2
+      "seed": 0,                    # parameter init
+      "folded": false,              # set by fold_model
+      "apg": null | {               # APG in every hidden layer of the dense tower
+        "version": "v4",            # v1 | v2 | v3 | v4 | v5 (see models.apg)
+        "rank": 4,                  # K, or one per hidden layer
+        "width": 32,                # P (v5)
+        "stack": 1,                 # J (v5; 1 = the two factors of §3.2.4)
+        "generator_layers": 1,
+        "generator_hidden": 64,
+        "generated_bias": false,
+        "condition": {
+          "mode": "self",           # self | group | mix
+          "fields": [],             # group: [user_field]; mix: [user, item] by default
+          "aggregation": null,      # mix: input (default) | output
+          "combine": null,          # mix: attention (default) | concat | mean
+          "attention_dim": 16
+        }
+      }
+    }
+
+Modules: ``embedding`` (FieldEmbedding), ``layers`` (static MLP tower, cross
+networks, FM), ``backbones`` (DNN, WDL, DeepFM, DCN, DCNv2 taking an injected dense
+tower; ``BACKBONES``), ``conditions`` (self/group/mix conditions and combiners),
+``apg`` (APGLinear v1-v5, generators, APGTower), ``folding`` and ``inspection``.
+"""
+
+from dynamic_ctr.models.backbones import BACKBONES
+from dynamic_ctr.models.builder import build_model
+from dynamic_ctr.models.config import APGConfig, ConditionConfig, ModelConfig, parse_config
+from dynamic_ctr.models.folding import fold_model
+from dynamic_ctr.models.inspection import count_parameters, generated_cores, hidden_memory_bytes
+
+__all__ = [
+    "BACKBONES",
+    "APGConfig",
+    "ConditionConfig",
+    "ModelConfig",
+    "build_model",
+    "count_parameters",
+    "fold_model",
+    "generated_cores",
+    "hidden_memory_bytes",
+    "parse_config",
+]

@@ -1,0 +1,51 @@
+"""``build_model``: a config dict and a feature spec in, a seeded ``nn.Module`` out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynamic_ctr.models.apg import APGTower
+from dynamic_ctr.models.backbones import BACKBONES
+from dynamic_ctr.models.config import ModelConfig, resolve_config
+from dynamic_ctr.models.layers import MLPTower
+from dynamic_ctr.spec import FeatureSpec
+
+__all__ = ["build_dense", "build_model"]
+
+
+def build_dense(cfg: ModelConfig, spec: FeatureSpec, in_dim: int) -> nn.Module:
+    """The dense tower of ``cfg``: static MLP, or APG when ``cfg.apg`` is set."""
+    if cfg.apg is None:
+        return MLPTower(cfg, in_dim)
+    return APGTower(cfg, spec, in_dim)
+
+
+def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.Module:
+    """Build a CTR model, ``forward(x (B, S)) -> (B,)`` logits.
+
+    Args:
+        config: plain dict (see the ``models`` package docstring); unknown keys or
+            bad values raise ``ValueError`` naming the key.
+        spec: the feature spec the input follows.
+
+    Returns:
+        The backbone module, with ``model.config`` (the normalized dict; rebuild with
+        ``build_model(model.config, model.spec)``) and ``model.spec``. Parameters are
+        initialised from ``config["seed"]`` without touching the global RNG. A
+        ``folded`` config gives an eval-mode model.
+    """
+    if not isinstance(spec, FeatureSpec):
+        raise ValueError(f"spec must be a FeatureSpec, got {type(spec).__name__}")  # noqa: TRY004
+    cfg = resolve_config(config, spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        in_dim = len(spec.fields) * cfg.embedding_dim
+        model = BACKBONES[cfg.family](cfg, spec, build_dense(cfg, spec, in_dim))
+    model.config = cfg.to_dict()
+    model.spec = spec
+    if cfg.folded:
+        model.eval()
+    return model

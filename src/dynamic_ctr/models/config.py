@@ -1,0 +1,330 @@
+"""Typed, frozen model configs and their strict parsing from plain dicts.
+
+``build_model`` accepts a JSON-able dict; :func:`parse_config` turns it into a
+:class:`ModelConfig` (unknown keys and bad values raise ``ValueError`` naming the
+dotted key, e.g. ``apg.condition.combine``) and :func:`resolve_config` fills the
+defaults that depend on the feature spec (the condition fields) and checks the
+ranks against the layer widths. ``ModelConfig.to_dict()`` is the normalized dict a
+checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from dynamic_ctr.spec import FeatureSpec
+
+__all__ = [
+    "APG_VERSIONS",
+    "COMBINES",
+    "FAMILIES",
+    "APGConfig",
+    "ConditionConfig",
+    "ModelConfig",
+    "layer_widths",
+    "parse_config",
+    "resolve_config",
+]
+
+FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2")
+APG_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
+CONDITION_MODES = ("self", "group", "mix")
+AGGREGATIONS = ("input", "output")
+COMBINES = ("concat", "mean", "attention")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+# Values of the wrong type are bad config values too: ValueError naming the key
+# (the build_model contract), hence the TRY004 exemptions below.
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a bool")  # noqa: TRY004
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """Where the APG condition ``z`` comes from (KDD §3.1).
+
+    Args:
+        mode: ``"self"`` (z = the layer's own input), ``"group"`` (z = one field's
+            embedding) or ``"mix"`` (z from several field embeddings).
+        fields: field names of the condition embeddings (group: exactly one, default
+            ``spec.user_field``; mix: at least two, default user and item fields).
+            Must be empty for ``self``.
+        aggregation: mix only: ``"input"`` (aggregate the embeddings, one generator)
+            or ``"output"`` (one generator per embedding, aggregate the generated
+            parameters). Default ``"input"``.
+        combine: mix only: ``"concat"``, ``"mean"`` or ``"attention"``. Default
+            ``"attention"`` (the setting of KDD §4.3).
+        attention_dim: width of the query/key projections of ``combine="attention"``.
+    """
+
+    mode: str = "self"
+    fields: tuple[str, ...] = ()
+    aggregation: str | None = None
+    combine: str | None = None
+    attention_dim: int = 16
+
+    def __post_init__(self) -> None:
+        p = "apg.condition."
+        _check_choice(p + "mode", self.mode, CONDITION_MODES)
+        if not isinstance(self.fields, tuple) or not all(isinstance(f, str) for f in self.fields):
+            raise ValueError(f"{p}fields={self.fields!r} must be a list of field names")
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"{p}fields={list(self.fields)} has duplicates")
+        _check_int(p + "attention_dim", self.attention_dim, 1)
+        if self.mode == "self" and self.fields:
+            raise ValueError(f"{p}fields must be empty for mode='self', got {list(self.fields)}")
+        if self.mode == "group" and len(self.fields) > 1:
+            raise ValueError(
+                f"{p}fields={list(self.fields)}: mode='group' takes one field; use mode='mix'"
+            )
+        if self.mode == "mix" and len(self.fields) == 1:
+            raise ValueError(f"{p}fields={list(self.fields)}: mode='mix' needs at least two fields")
+        for key, choices in (("aggregation", AGGREGATIONS), ("combine", COMBINES)):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.mode != "mix":
+                raise ValueError(
+                    f"{p}{key}={value!r} only applies to mode='mix', not {self.mode!r}"
+                )
+            _check_choice(p + key, value, choices)
+
+    @property
+    def output_aggregation(self) -> bool:
+        return self.mode == "mix" and self.aggregation == "output"
+
+
+@dataclass(frozen=True)
+class APGConfig:
+    """Adaptive Parameter Generation for every hidden layer of the dense tower.
+
+    Args:
+        version: ``v1`` generated full W_i; ``v2`` generated U_i, S_i, V_i
+            reconstructed to W_i; ``v3`` the same, decomposed feed-forward; ``v4``
+            shared U, V and generated S_i (K x K); ``v5`` v4 with over-parameterised
+            U = U^l U^r, V = V^l V^r. See ``models/apg.py``.
+        rank: K, one int for all layers or one per hidden layer (ignored by v1).
+        width: P, inner width of the v5 factors (KDD §4.5.2 uses P = 32).
+        stack: J of Appendix F: v5 factors per shared matrix; 1 (off) means the two
+            factors of §3.2.4, J >= 2 means U = U^1 ... U^J. v5 only.
+        generator_layers: layers of the generator MLP G (1 = one linear map, the
+            paper's default).
+        generator_hidden: hidden width of G when ``generator_layers > 1``.
+        generated_bias: the generator also emits the layer bias (else a shared bias).
+        condition: see :class:`ConditionConfig`.
+    """
+
+    version: str = "v4"
+    rank: int | tuple[int, ...] = 4
+    width: int = 32
+    stack: int = 1
+    generator_layers: int = 1
+    generator_hidden: int = 64
+    generated_bias: bool = False
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("apg.version", self.version, APG_VERSIONS)
+        ranks = self.rank if isinstance(self.rank, tuple) else (self.rank,)
+        if not ranks:
+            raise ValueError("apg.rank=[] must be an int or a non-empty list of ints")
+        for k in ranks:
+            _check_int("apg.rank", k, 1)
+        _check_int("apg.width", self.width, 1)
+        _check_int("apg.stack", self.stack, 1)
+        if self.stack > 1 and self.version != "v5":
+            raise ValueError(f"apg.stack={self.stack} needs version 'v5', not {self.version!r}")
+        _check_int("apg.generator_layers", self.generator_layers, 1)
+        _check_int("apg.generator_hidden", self.generator_hidden, 1)
+        _check_bool("apg.generated_bias", self.generated_bias)
+        if not isinstance(self.condition, ConditionConfig):
+            message = f"apg.condition={self.condition!r} must be a ConditionConfig"
+            raise ValueError(message)  # noqa: TRY004
+
+    def rank_of(self, layer: int) -> int:
+        """K of hidden layer ``layer`` (0-based)."""
+        return self.rank[layer] if isinstance(self.rank, tuple) else self.rank
+
+    @property
+    def num_factors(self) -> int:
+        """Factors per shared matrix: 1 (v4), 2 (v5) or J (v5 stacked)."""
+        return 1 if self.version != "v5" else max(2, self.stack)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One CTR model: a backbone family, its dense tower, and optionally APG.
+
+    Args:
+        family: backbone, one of ``FAMILIES``.
+        embedding_dim: D, the width of every field embedding.
+        hidden_units: widths of the hidden layers of the dense tower (H_1, H_2, ...).
+        dropout: dropout after each hidden layer (0 = none).
+        batch_norm: BatchNorm1d after each hidden linear map (before the ReLU).
+        cross_layers: cross layers of ``dcn``/``dcnv2`` (ignored by other families).
+        apg: None for a static dense tower, else every hidden linear map is an APG layer.
+        seed: seed of the parameter init (``build_model`` does not touch the global RNG).
+        folded: set by ``fold_model``: deployment form (v5 factors multiplied out,
+            dropout removed); ``build_model`` returns such a model in eval mode.
+    """
+
+    family: str = "wdl"
+    embedding_dim: int = 16
+    hidden_units: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    cross_layers: int = 3
+    apg: APGConfig | None = None
+    seed: int = 0
+    folded: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("family", self.family, FAMILIES)
+        _check_int("embedding_dim", self.embedding_dim, 1)
+        if not isinstance(self.hidden_units, tuple) or not self.hidden_units:
+            raise ValueError(f"hidden_units={self.hidden_units!r} must be a non-empty list")
+        for h in self.hidden_units:
+            _check_int("hidden_units", h, 1)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0.0 <= self.dropout < 1.0
+            or math.isnan(self.dropout)
+        ):
+            raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
+        _check_bool("batch_norm", self.batch_norm)
+        _check_int("cross_layers", self.cross_layers, 1)
+        _check_int("seed", self.seed, 0)
+        _check_bool("folded", self.folded)
+        if self.folded and (
+            self.dropout > 0 or (self.apg is not None and self.apg.version == "v5")
+        ):
+            raise ValueError(
+                "folded=True needs dropout=0 and no v5 layers (fold_model multiplies them out)"
+            )
+        if self.apg is not None:
+            if not isinstance(self.apg, APGConfig):
+                raise ValueError(f"apg={self.apg!r} must be an APGConfig or None")
+            if isinstance(self.apg.rank, tuple) and len(self.apg.rank) != len(self.hidden_units):
+                raise ValueError(
+                    f"apg.rank={list(self.apg.rank)} needs one rank per hidden layer "
+                    f"({len(self.hidden_units)} in hidden_units)"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalized, JSON-able form (tuples become lists)."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuplify(value: Any) -> Any:
+    """Lists (JSON arrays) become tuples; anything else passes through (and fails
+    the dataclass check if it is not what the field expects)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _from_dict(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}={d!r} must be a dict")  # noqa: TRY004
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys: {sorted(allowed)}"
+        )
+    kwargs = {}
+    for key, value in d.items():
+        if key == "apg":
+            value = None if value is None else _from_dict(APGConfig, value, "apg.")
+        elif key == "condition":
+            value = _from_dict(ConditionConfig, value, prefix + "condition.")
+        elif key in ("hidden_units", "fields", "rank"):
+            value = _tuplify(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
+    """A validated :class:`ModelConfig` from a plain dict (or an existing one)."""
+    if isinstance(config, ModelConfig):
+        return config
+    return _from_dict(ModelConfig, config, "")
+
+
+def layer_widths(cfg: ModelConfig, spec: FeatureSpec) -> list[tuple[int, int]]:
+    """``(d_in, d_out)`` of every hidden layer; the tower input is ``F * D``."""
+    dims = [len(spec.fields) * cfg.embedding_dim, *cfg.hidden_units]
+    return list(itertools.pairwise(dims))
+
+
+def resolve_config(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> ModelConfig:
+    """Parse ``config`` and fill the spec-dependent defaults.
+
+    Fills the condition fields (group: ``spec.user_field``; mix: user and item
+    fields) and the mix defaults (``aggregation="input"``, ``combine="attention"``),
+    and checks every field name and every rank ``K <= min(d_in, d_out)``.
+    """
+    cfg = parse_config(config)
+    if cfg.apg is None:
+        return cfg
+    apg = cfg.apg
+    cond = apg.condition
+    if cond.mode != "self":
+        names = cond.fields
+        if not names:
+            defaults = (
+                (spec.user_field,) if cond.mode == "group" else (spec.user_field, spec.item_field)
+            )
+            names = tuple(n for n in defaults if n is not None)
+            if len(names) < (1 if cond.mode == "group" else 2):
+                raise ValueError(
+                    f"apg.condition.fields: the spec has user_field={spec.user_field!r}, "
+                    f"item_field={spec.item_field!r}; give the fields explicitly"
+                )
+        known = [f.name for f in spec.fields]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"apg.condition.fields: no field {name!r} in the spec {known}")
+        if cond.mode == "mix":
+            cond = replace(
+                cond,
+                fields=names,
+                aggregation=cond.aggregation or "input",
+                combine=cond.combine or "attention",
+            )
+        else:
+            cond = replace(cond, fields=names)
+    if apg.version != "v1":
+        for i, (d_in, d_out) in enumerate(layer_widths(cfg, spec)):
+            k = apg.rank_of(i)
+            if k > min(d_in, d_out):
+                raise ValueError(
+                    f"apg.rank={k} exceeds min(d_in, d_out)={min(d_in, d_out)} of hidden layer {i} "
+                    f"({d_in} -> {d_out})"
+                )
+    return replace(cfg, apg=replace(apg, condition=cond))

@@ -1,0 +1,130 @@
+"""Reusable layers: the static dense tower, cross networks and the FM interaction.
+
+A *dense tower* is any module with ``out_dim`` and
+``forward(h (B, E_in), emb (B, F, D)) -> (B, H)``: ``h`` is the tower input and
+``emb`` the field embeddings, which APG towers read their conditions from (static
+towers ignore it). Backbones take the tower as an injected module.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from dynamic_ctr.models.config import ModelConfig
+
+__all__ = ["CrossNetV1", "CrossNetV2", "FactorizationMachine", "HiddenActivation", "MLPTower"]
+
+
+class HiddenActivation(nn.Module):
+    """What follows each hidden linear map: ``BatchNorm1d? -> ReLU -> Dropout?``.
+
+    Absent parts are ``nn.Identity`` so parameter names do not depend on them (a
+    folded model, whose dropout is removed, loads the unfolded state dict).
+
+    Args:
+        cfg: model config (``batch_norm``, ``dropout``).
+        width: H, the layer width.
+    """
+
+    def __init__(self, cfg: ModelConfig, width: int) -> None:
+        super().__init__()
+        self.norm: nn.Module = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
+        self.act = nn.ReLU()
+        self.dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``(B, H) -> (B, H)``."""
+        return self.dropout(self.act(self.norm(h)))
+
+
+class MLPTower(nn.Module):
+    """Static dense tower: ``Linear -> HiddenActivation`` per hidden layer.
+
+    Args:
+        cfg: model config (``hidden_units``, ``batch_norm``, ``dropout``).
+        in_dim: E_in, the width of the tower input.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_dim: int) -> None:
+        super().__init__()
+        dims = [in_dim, *cfg.hidden_units]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        self.acts = nn.ModuleList(HiddenActivation(cfg, b) for b in dims[1:])
+        self.out_dim = dims[-1]
+
+    def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:
+        """``h (B, E_in)`` -> ``(B, H_last)``; ``emb`` is unused."""
+        for linear, act in zip(self.linears, self.acts):
+            h = act(linear(h))  # (B, H_l)
+        return h
+
+    def activation_numel(self, batch_size: int) -> int:
+        """Elements of the hidden activations of one batch: one ``(B, H)`` per layer."""
+        return sum(batch_size * lin.out_features for lin in self.linears)
+
+
+class CrossNetV1(nn.Module):
+    """DCN cross network (Wang et al., 2017, https://arxiv.org/abs/1708.05123).
+
+    ``x_{l+1} = x_0 * (x_l . w_l) + b_l + x_l`` with ``w_l, b_l`` of shape ``(E,)``.
+
+    Args:
+        dim: E, the input width.
+        num_layers: L, the number of cross layers.
+    """
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_layers, dim))
+        self.bias = nn.Parameter(torch.empty(num_layers, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        """``x0 (B, E) -> (B, E)``."""
+        x = x0
+        for w, b in zip(self.weight, self.bias):
+            xw = x @ w  # (B,)
+            x = x0 * xw.unsqueeze(1) + b + x  # (B, E)
+        return x
+
+
+class CrossNetV2(nn.Module):
+    """DCN-V2 cross network, full-rank (Wang et al., 2021, https://arxiv.org/abs/2008.13535).
+
+    ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` with ``W_l`` of shape ``(E, E)``.
+
+    Args:
+        dim: E, the input width.
+        num_layers: L, the number of cross layers.
+    """
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
+
+    def forward(self, x0: Tensor) -> Tensor:
+        """``x0 (B, E) -> (B, E)``."""
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x  # (B, E)
+        return x
+
+
+class FactorizationMachine(nn.Module):
+    """Second-order FM term (Rendle, 2010) over field embeddings.
+
+    ``0.5 * sum_d((sum_f e_fd)^2 - sum_f e_fd^2)``.
+    """
+
+    def forward(self, emb: Tensor) -> Tensor:
+        """``emb (B, F, D) -> (B,)``."""
+        square_of_sum = emb.sum(dim=1).square()  # (B, D)
+        sum_of_square = emb.square().sum(dim=1)  # (B, D)
+        return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)  # (B,)

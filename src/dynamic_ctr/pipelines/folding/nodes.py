@@ -1,0 +1,114 @@
+"""Folding nodes: each trained variant in its deployment form, checked on the test split."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dynamic_ctr.models import count_parameters, fold_model, hidden_memory_bytes
+from dynamic_ctr.pipelines.training.nodes import frame_to_tensors
+from dynamic_ctr.spec import FeatureSpec
+from dynamic_ctr.training.metrics import evaluate
+
+
+class FoldingMismatchError(RuntimeError):
+    """The folded model does not predict what the trained model predicts."""
+
+
+@torch.no_grad()
+def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    model(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _hidden_mb(model: nn.Module, batch_size: int) -> float | None:
+    try:
+        return hidden_memory_bytes(model, batch_size) / 2**20
+    except ValueError:  # a backbone without a measurable dense tower
+        return None
+
+
+def fold_variant(
+    trained: dict[str, nn.Module], test_frame: pd.DataFrame, feature_spec: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Fold every seed's model and verify it on the whole test split.
+
+    Returns the folded models and the check: per seed the max abs difference of the
+    predicted probabilities (folded vs trained, eval mode, float32), and parameter
+    counts, hidden-layer memory and latency (median of ``latency_repeats`` forward
+    passes of ``latency_batch`` test rows on the CPU) before and after.
+
+    Raises:
+        FoldingMismatchError: a difference above ``params['tolerance']``.
+    """
+    spec = FeatureSpec.from_dict(feature_spec)
+    test = frame_to_tensors(test_frame, spec, "cpu")
+    batch = test.x[: params["latency_batch"]]
+    folded_bundle: dict[str, nn.Module] = {}
+    seeds: dict[str, Any] = {}
+    for name, model in trained.items():
+        model = model.eval()
+        folded = fold_model(model)
+        before, after = evaluate(model, test), evaluate(folded, test)
+        diff = float(np.max(np.abs(before - after)))
+        if not diff <= params["tolerance"]:
+            raise FoldingMismatchError(
+                f"{name}: folded and trained predictions differ by {diff:.3g} on the test split "
+                f"(tolerance {params['tolerance']:g})"
+            )
+        seeds[name] = {
+            "max_abs_diff": diff,
+            "parameters": count_parameters(model),
+            "folded_parameters": count_parameters(folded),
+            "hidden_memory_mb": _hidden_mb(model, params["latency_batch"]),
+            "folded_hidden_memory_mb": _hidden_mb(folded, params["latency_batch"]),
+            "latency_ms": _latency_ms(model, batch, params["latency_repeats"]),
+            "folded_latency_ms": _latency_ms(folded, batch, params["latency_repeats"]),
+        }
+        folded_bundle[name] = folded
+    first = next(iter(seeds.values()))
+    check = {
+        "max_abs_diff": max(s["max_abs_diff"] for s in seeds.values()),
+        "tolerance": params["tolerance"],
+        "test_rows": len(test),
+        "latency_batch": params["latency_batch"],
+        **{k: first[k] for k in ("parameters", "folded_parameters", "hidden_memory_mb", "folded_hidden_memory_mb")},
+        "latency_ms": statistics.median(s["latency_ms"] for s in seeds.values()),
+        "folded_latency_ms": statistics.median(s["folded_latency_ms"] for s in seeds.values()),
+        "seeds": seeds,
+    }
+    return folded_bundle, check
+
+
+def select_deployment(deployment: dict[str, Any], **artifacts: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The deployable model: the folded model of ``deployment.variant``, or with
+    ``best``, of the variant with the highest validation AUC (its first seed).
+
+    ``artifacts`` holds ``<variant>__folded`` and ``<variant>__summary`` per variant.
+    """
+    summaries = {k[: -len("__summary")]: v for k, v in artifacts.items() if k.endswith("__summary")}
+    choice = deployment.get("variant", "best")
+    if choice == "best":
+        choice = max(summaries, key=lambda v: summaries[v]["best_value"])
+    if choice not in summaries:
+        raise ValueError(f"parameter deployment.variant={choice!r} is not a variant; variants: {sorted(summaries)}")
+    bundle = artifacts[f"{choice}__folded"]
+    seed_key = next(iter(bundle))
+    record = {
+        "variant": choice,
+        "model": seed_key,
+        "validation_auc": summaries[choice]["best_value"],
+        "selected_by": "parameter" if deployment.get("variant", "best") != "best" else "best validation AUC",
+    }
+    return {"model": bundle[seed_key]}, record

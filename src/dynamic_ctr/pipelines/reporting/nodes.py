@@ -1,0 +1,307 @@
+"""Reporting nodes: test metrics per variant, then one report over all variants.
+
+Every number comes from catalog inputs; the only figures typed in are the paper's own,
+in ``conf/base/parameters_reporting.yml``, labelled with their table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dynamic_ctr.models import generated_cores  # noqa: E402
+from dynamic_ctr.pipelines.training.nodes import frame_to_tensors  # noqa: E402
+from dynamic_ctr.spec import FeatureSpec  # noqa: E402
+from dynamic_ctr.training.metrics import auc, evaluate, gauc, log_loss  # noqa: E402
+
+GROUP_COLUMN = "frequency_group"
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"auc": auc(y, p), "logloss": log_loss(y, p)}
+    if spec.user_field:
+        users = frame[spec.user_field].to_numpy()
+        known = users != 1  # users unseen in training share the OOV index: not one group
+        out["gauc_user"], out["gauc_user_groups"] = gauc(y[known], p[known], users[known])
+    if spec.domain_field:
+        out["gauc_domain"], out["gauc_domain_groups"] = gauc(y, p, frame[spec.domain_field].to_numpy())
+    return out
+
+
+def _by_group(y: np.ndarray, p: np.ndarray, keys: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in np.unique(keys):
+        mask = keys == key
+        if mask.sum() and 0 < y[mask].sum() < mask.sum():
+            out[str(int(key))] = {"auc": auc(y[mask], p[mask]), "samples": int(mask.sum())}
+    return out
+
+
+def evaluate_variant(
+    models: dict[str, nn.Module], test_frame: pd.DataFrame, feature_spec: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Test metrics of every seed's deployable model, and the generated ``S_i`` of the
+    first seed projected by PCA (empty for models without APG).
+
+    Returns:
+        ``{"seeds": {seed: {auc, logloss, gauc_user, gauc_domain, by_domain,
+        by_frequency_group}}}`` and a frame of 2-d projections with the rows'
+        activity group and domain.
+    """
+    spec = FeatureSpec.from_dict(feature_spec)
+    test = frame_to_tensors(test_frame, spec, "cpu")
+    y = test.y.numpy()
+    seeds: dict[str, Any] = {}
+    for name, model in models.items():
+        p = evaluate(model, test)
+        m = _metrics(y, p, test_frame, spec)
+        if spec.domain_field:
+            m["by_domain"] = _by_group(y, p, test_frame[spec.domain_field].to_numpy())
+        if GROUP_COLUMN in test_frame:
+            m["by_frequency_group"] = _by_group(y, p, test_frame[GROUP_COLUMN].to_numpy())
+        seeds[name] = m
+    summary = {"seeds": seeds, "test_rows": len(test_frame)}
+    for key in ("auc", "logloss", "gauc_user", "gauc_domain"):
+        values = [s[key] for s in seeds.values() if key in s and s[key] is not None and not math.isnan(s[key])]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+
+    first = next(iter(models.values()))
+    rows = min(params["pca_rows"], len(test))
+    try:
+        cores = generated_cores(first, test.x[:rows]).numpy()
+    except ValueError:  # no APG layer
+        return summary, pd.DataFrame({"pc1": [], "pc2": [], GROUP_COLUMN: [], "domain": []})
+    coords = PCA(n_components=2, random_state=0).fit_transform(cores.astype(np.float64))
+    projection = pd.DataFrame({"pc1": coords[:, 0], "pc2": coords[:, 1]})
+    projection[GROUP_COLUMN] = test_frame[GROUP_COLUMN].to_numpy()[:rows] if GROUP_COLUMN in test_frame else -1
+    projection["domain"] = test_frame[spec.domain_field].to_numpy()[:rows] if spec.domain_field else -1
+    return summary, projection
+
+
+# ------------------------------------------------------------------ the report
+
+
+def _describe(config: dict[str, Any]) -> dict[str, Any]:
+    """Model family, backbone and condition of a model config, for the summary."""
+    apg = config.get("apg")
+    if not apg:
+        return {"model_family": "base", "backbone": config["family"], "condition": None, "apg_version": None}
+    cond = apg.get("condition") or {}
+    mode = cond.get("mode", "self")
+    text = mode if mode == "self" else f"{mode}({','.join(cond.get('fields') or [])})"
+    if mode == "mix":
+        text += f"/{cond.get('aggregation') or 'input'}-{cond.get('combine') or 'attention'}"
+    return {"model_family": "apg", "backbone": config["family"], "condition": text, "apg_version": apg.get("version")}
+
+
+def _seed_values(metrics: dict[str, Any], key: str) -> list[float]:
+    return [s[key] for s in metrics["seeds"].values()]
+
+
+def _delta(variant: dict[str, Any], base: dict[str, Any], key: str = "auc") -> tuple[float, float, int]:
+    """Mean and standard deviation over seeds of ``variant - base`` (seeds paired in order)."""
+    diffs = [a - b for a, b in zip(_seed_values(variant, key), _seed_values(base, key))]
+    if not diffs:
+        return math.nan, math.nan, 0
+    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
+    return float(np.mean(diffs)), std, len(diffs)
+
+
+def _verdict(mean: float, std: float, paper: float) -> str:
+    if math.isnan(mean):
+        return "not run"
+    if math.isnan(std):
+        return "one seed: no verdict"
+    if paper > 0 and mean - std > 0:
+        return "reproduces (gain beyond 1 std)"
+    if mean + std < 0:
+        return "does not reproduce (loss beyond 1 std)"
+    return "does not reproduce (within noise)"
+
+
+def _figure_html(fig: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _frequency_plot(gains: pd.DataFrame) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if gains.empty:
+        ax.text(0.5, 0.5, "no activity groups (frequency_key is null)", ha="center", va="center")
+    for variant, rows in gains.groupby("variant", sort=False):
+        ax.plot(rows["group"], rows["auc_gain_pct"], marker="o", label=variant)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("activity group (0 = least active users)")
+    ax.set_ylabel("test AUC gain vs base (% points)")
+    ax.set_title("Gain per activity group (cf. APG Figure 8)")
+    if not gains.empty:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def _pca_plot(projections: dict[str, pd.DataFrame]) -> plt.Figure:
+    shown = {k: v for k, v in projections.items() if len(v)}
+    cols = max(1, min(3, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (name, frame) in zip(axes.flat, shown.items()):
+        ax.set_axis_on()
+        points = ax.scatter(frame["pc1"], frame["pc2"], c=frame[GROUP_COLUMN], cmap="viridis", s=4, alpha=0.6)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if shown:
+        fig.colorbar(points, ax=axes.ravel().tolist(), label="activity group")
+    fig.suptitle("Generated S_i of the first APG layer, PCA (cf. APG Figures 6 and 9)")
+    return fig
+
+
+def build_report(
+    params: dict[str, Any], feature_spec: dict[str, Any], domain_stats: pd.DataFrame, deployment: dict[str, Any], **artifacts: Any
+) -> tuple[dict[str, Any], str, pd.DataFrame, pd.DataFrame, pd.DataFrame, plt.Figure, plt.Figure]:
+    """The JSON summary, the HTML report, the comparison, efficiency and per-domain
+    tables and the two figures, from every variant's ``<variant>__metrics``,
+    ``__folding``, ``__summary``, ``__history`` and ``__projection``."""
+    names = [k[: -len("__metrics")] for k in artifacts if k.endswith("__metrics")]
+    get = {kind: {n: artifacts[f"{n}__{kind}"] for n in names} for kind in ("metrics", "folding", "summary", "history", "projection")}
+    spec = FeatureSpec.from_dict(feature_spec)
+
+    variants = []
+    for n in names:
+        m, f, s = get["metrics"][n], get["folding"][n], get["summary"][n]
+        entry = {"name": n, **_describe(s["best_config"]["model"])}
+        entry.update({
+            "test_auc": m["auc"]["mean"], "test_auc_std": m["auc"]["std"], "test_logloss": m["logloss"]["mean"],
+            "test_gauc_user": m.get("gauc_user", {}).get("mean"), "test_gauc_domain": m.get("gauc_domain", {}).get("mean"),
+            "seeds": len(m["seeds"]), "validation_auc": s["best_value"], "best_params": s["best_params"],
+            "parameter_count": f["parameters"], "folded_parameter_count": f["folded_parameters"],
+            "folding_check": {"max_abs_diff": f["max_abs_diff"], "tolerance": f["tolerance"], "passed": f["max_abs_diff"] <= f["tolerance"]},
+            "compare_to": s.get("compare_to"),
+        })
+        variants.append(entry)
+    by_name = {v["name"]: v for v in variants}
+
+    # Paper delta vs our delta (AUC in % points).
+    comparison_rows = []
+    for row in params.get("paper_rows") or []:
+        variant, base = row["variant"], row["base"]
+        mean = std = math.nan
+        n_seeds = 0
+        if variant in get["metrics"] and base in get["metrics"]:
+            mean, std, n_seeds = _delta(get["metrics"][variant], get["metrics"][base])
+        paper_delta = row["paper_variant"] - row["paper_base"]
+        comparison_rows.append({
+            "paper_table": row["table"], "paper_row": row["row"], "variant": variant, "base": base,
+            "paper_base_auc_pct": row["paper_base"], "paper_variant_auc_pct": row["paper_variant"],
+            "paper_delta_pct": round(paper_delta, 4), "our_delta_pct": 100 * mean, "our_delta_std_pct": 100 * std,
+            "seeds": n_seeds, "verdict": _verdict(mean, std, paper_delta),
+        })
+    comparison = pd.DataFrame(comparison_rows)
+
+    efficiency_rows = []
+    for n in names:
+        f, h = get["folding"][n], get["history"][n]
+        base = get["summary"][n].get("compare_to")
+        base_f = get["folding"].get(base) if base else None
+        throughput = float(h["samples_per_s"].median()) if len(h) else math.nan
+        base_tp = float(get["history"][base]["samples_per_s"].median()) if base in get["history"] else math.nan
+        efficiency_rows.append({
+            "variant": n, "parameters": f["parameters"], "folded_parameters": f["folded_parameters"],
+            "hidden_memory_mb": f["hidden_memory_mb"], "folded_hidden_memory_mb": f["folded_hidden_memory_mb"],
+            "latency_ms": f["latency_ms"], "folded_latency_ms": f["folded_latency_ms"],
+            "folded_latency_vs_base": f["folded_latency_ms"] / base_f["folded_latency_ms"] if base_f else math.nan,
+            "train_samples_per_s": throughput, "train_time_vs_base": base_tp / throughput if base else math.nan,
+        })
+    efficiency = pd.DataFrame(efficiency_rows)
+
+    domain_names = (spec.metadata or {}).get("domain_names") or []
+    domain_rows = []
+    for n in names:
+        for seed, m in get["metrics"][n]["seeds"].items():
+            for d, stats in (m.get("by_domain") or {}).items():
+                name = domain_names[int(d) - 1] if 0 < int(d) <= len(domain_names) else d
+                domain_rows.append({"variant": n, "seed": seed, "domain": int(d), "name": name, **stats})
+    per_domain = pd.DataFrame(domain_rows, columns=["variant", "seed", "domain", "name", "auc", "samples"])
+    per_domain_mean = per_domain.groupby(["variant", "domain", "name"], as_index=False).agg(auc=("auc", "mean"), samples=("samples", "first"))
+
+    gain_rows = []
+    for n in names:
+        base = get["summary"][n].get("compare_to")
+        if not base or base not in get["metrics"]:
+            continue
+        pairs = zip(get["metrics"][n]["seeds"].values(), get["metrics"][base]["seeds"].values())
+        per_group: dict[int, list[float]] = {}
+        for mv, mb in pairs:
+            for g, stats in (mv.get("by_frequency_group") or {}).items():
+                if g in (mb.get("by_frequency_group") or {}) and int(g) >= 0:
+                    per_group.setdefault(int(g), []).append(stats["auc"] - mb["by_frequency_group"][g]["auc"])
+        for g in sorted(per_group):
+            gain_rows.append({"variant": n, "base": base, "group": g, "auc_gain_pct": 100 * float(np.mean(per_group[g]))})
+    gains = pd.DataFrame(gain_rows, columns=["variant", "base", "group", "auc_gain_pct"])
+    frequency_fig = _frequency_plot(gains)
+    pca_fig = _pca_plot(get["projection"])
+
+    summary = {
+        "dataset": params.get("dataset_label"),
+        "test_rows": next(iter(get["metrics"].values()))["test_rows"] if names else 0,
+        "deployment": deployment,
+        "variants": variants,
+        "comparison": comparison.replace({np.nan: None}).to_dict("records"),
+    }
+    report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, frequency_fig, pca_fig, by_name)
+    return summary, report_html, comparison, efficiency, per_domain, frequency_fig, pca_fig
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", border=0, classes="t")
+
+
+def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, frequency_fig, pca_fig, by_name) -> str:
+    overview = pd.DataFrame([
+        {k: v for k, v in entry.items() if k in ("name", "model_family", "backbone", "condition", "apg_version", "test_auc", "test_auc_std",
+                                                   "test_logloss", "test_gauc_user", "test_gauc_domain", "seeds", "parameter_count")}
+        | {"folding max abs diff": entry["folding_check"]["max_abs_diff"]}
+        for entry in summary["variants"]
+    ])
+    pivot = per_domain.pivot_table(index=["domain", "name"], columns="variant", values="auc").reset_index() if len(per_domain) else per_domain
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table.t{border-collapse:collapse;font-size:12px;margin-bottom:1em}"
+             "table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+             "img{max-width:100%}")
+    dep = summary["deployment"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>dynamic-ctr report</title><style>{style}</style></head><body>",
+        f"<h1>dynamic-ctr: test report ({html.escape(str(summary['dataset']))})</h1>",
+        f"<p>{summary['test_rows']:,} test rows. Metrics are means over seeds (std where several). "
+        f"Deployed: <b>{html.escape(dep['variant'])}</b> ({html.escape(dep['selected_by'])}).</p>",
+        "<h2>Variants</h2>", _table(overview),
+        "<h2>Paper delta vs our delta (AUC, % points)</h2>",
+        "<p>Paper figures are the KDD version's own (MovieLens there is ML-1M); ours are mean ± std over seeds of the "
+        "paired difference to the base. The paper counts 0.1 % points as significant.</p>",
+        _table(comparison) if len(comparison) else "<p>No paper rows configured.</p>",
+        "<h2>Gain per activity group</h2>", _figure_html(frequency_fig),
+        "<h2>Generated S_i (PCA)</h2>", _figure_html(pca_fig),
+        "<h2>Efficiency</h2><p>Latency: median CPU forward of one batch; hidden memory per batch, counted analytically.</p>",
+        _table(efficiency),
+        "<h2>Test AUC per domain</h2>", _table(pivot),
+        "<h2>Domains (samples, clicks, CTR per split)</h2>", _table(domain_stats),
+        "</body></html>",
+    ]
+    return "\n".join(parts)

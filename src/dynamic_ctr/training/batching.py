@@ -1,0 +1,188 @@
+"""Whole-table tensors on the device and minibatches sliced from them.
+
+CTR tables are narrow (S int64 slots per row), so a split fits on the accelerator:
+it is stacked and moved once, and every minibatch is an ``index_select`` on tensors
+already there. There is no ``DataLoader``, no worker process and no per-row Python.
+
+Symbols: N rows, S slots (``len(spec.index_columns)``), B batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dynamic_ctr.spec import FeatureSpec
+
+__all__ = ["TensorData", "batches", "num_batches", "tensors_from_columns"]
+
+
+@dataclass(frozen=True, eq=False)
+class TensorData:
+    """One split as device tensors.
+
+    Args:
+        x: ``(N, S)`` int64 indices, columns in ``spec.index_columns`` order.
+        y: ``(N,)`` float32 labels in {0, 1}.
+        groups: named ``(N,)`` int64 group keys (e.g. ``"user"`` for GAUC); empty
+            when none were requested.
+    """
+
+    x: Tensor
+    y: Tensor
+    groups: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.x.dtype != torch.int64:
+            raise ValueError(
+                f"x must be an (N, S) int64 tensor, got {tuple(self.x.shape)} {self.x.dtype}"
+            )
+        n = self.x.shape[0]
+        if self.y.shape != (n,) or not self.y.is_floating_point():
+            raise ValueError(
+                f"y must be a float ({n},) tensor, got {tuple(self.y.shape)} {self.y.dtype}"
+            )
+        if self.y.device != self.x.device:
+            raise ValueError(f"y is on {self.y.device} but x is on {self.x.device}")
+        for name, g in self.groups.items():
+            if g.shape != (n,) or g.device != self.x.device:
+                raise ValueError(
+                    f"groups[{name!r}] must be a ({n},) tensor on {self.x.device}, "
+                    f"got {tuple(g.shape)} on {g.device}"
+                )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device: torch.device | str) -> TensorData:
+        """A copy on ``device`` (the same object when it is already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return TensorData(
+            x=self.x.to(device),
+            y=self.y.to(device),
+            groups={k: v.to(device) for k, v in self.groups.items()},
+        )
+
+
+def tensors_from_columns(
+    columns: Mapping[str, np.ndarray],
+    spec: FeatureSpec,
+    device: torch.device | str = "cpu",
+    *,
+    group_columns: Sequence[str] | None = None,
+) -> TensorData:
+    """Stack the encoded columns of one split into a :class:`TensorData` on ``device``.
+
+    Args:
+        columns: column name -> ``(N,)`` array; must hold every ``spec.index_columns``
+            entry and ``spec.label``. Extra columns are ignored.
+        spec: the feature spec that fixes the slot order and the label column.
+        device: where the tensors live; they are copied there exactly once.
+        group_columns: columns to keep as group keys (``groups[name]``). ``None``
+            means ``[spec.user_field]`` when the spec names a user field, else none.
+            Note that a user *index* column maps every unseen user to the OOV index;
+            pass a raw id column for GAUC over cold users.
+
+    Returns:
+        ``x (N, S)`` int64, ``y (N,)`` float32, ``groups`` int64 ``(N,)`` each.
+
+    Raises:
+        ValueError: a column is missing, lengths differ, an index is negative or not
+            below its field's ``vocab_size``, or a label is not 0/1.
+    """
+    index_columns = spec.index_columns
+    missing = [c for c in [*index_columns, spec.label] if c not in columns]
+    if missing:
+        raise ValueError(f"columns is missing {missing}; it has {sorted(columns)}")
+    if group_columns is None:
+        group_columns = [spec.user_field] if spec.user_field is not None else []
+    missing_groups = [c for c in group_columns if c not in columns]
+    if missing_groups:
+        raise ValueError(f"group_columns {missing_groups} are not in columns")
+
+    n = len(columns[spec.label])
+    lengths = {c: len(columns[c]) for c in [*index_columns, *group_columns]}
+    bad = {c: m for c, m in lengths.items() if m != n}
+    if bad:
+        raise ValueError(f"column lengths {bad} differ from the label's length {n}")
+
+    x = np.stack([np.asarray(columns[c], dtype=np.int64) for c in index_columns], axis=1)  # (N, S)
+    x = x.reshape(n, len(index_columns))
+    if n:
+        # one vocab bound per slot: categorical fields first, then sequence slots
+        vocab = np.array(
+            [f.vocab_size for f in spec.categorical]
+            + [f.vocab_size for f in spec.sequences for _ in range(f.max_len)]
+        )
+        lo, hi = x.min(axis=0), x.max(axis=0)  # (S,)
+        bad_slots = np.flatnonzero((lo < 0) | (hi >= vocab))
+        if bad_slots.size:
+            s = int(bad_slots[0])
+            raise ValueError(
+                f"column {index_columns[s]!r} holds indices in [{lo[s]}, {hi[s]}], "
+                f"outside [0, vocab_size={vocab[s]})"
+            )
+    y = np.asarray(columns[spec.label], dtype=np.float32)
+    if n and not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"label column {spec.label!r} must hold only 0 and 1")
+
+    device = torch.device(device)
+    return TensorData(
+        x=torch.from_numpy(np.ascontiguousarray(x)).to(device),
+        y=torch.from_numpy(y).to(device),
+        groups={
+            c: torch.from_numpy(np.asarray(columns[c], dtype=np.int64)).to(device)
+            for c in group_columns
+        },
+    )
+
+
+def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """How many batches :func:`batches` yields for ``n`` rows."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batches(
+    data: TensorData,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Minibatches ``(x (B, S), y (B,))`` of ``data``, each row exactly once.
+
+    Args:
+        data: the split, already on its device.
+        batch_size: rows per batch; the last batch is smaller unless ``drop_last``.
+        shuffle: draw a fresh permutation (``torch.randperm`` on the data's device).
+        generator: seeded generator for the permutation, on the data's device
+            (see :func:`dynamic_ctr.training.device.make_generator`); ``None`` uses
+            torch's global generator.
+        drop_last: skip a final batch smaller than ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"{batch_size=} must be >= 1")
+    n = len(data)
+    stop = n - n % batch_size if drop_last else n
+    if not shuffle:
+        for start in range(0, stop, batch_size):
+            end = min(start + batch_size, n)
+            yield data.x[start:end], data.y[start:end]
+        return
+    if generator is not None and generator.device.type != data.device.type:
+        raise ValueError(f"generator is on {generator.device} but data is on {data.device}")
+    perm = torch.randperm(n, device=data.device, generator=generator)  # (N,)
+    for start in range(0, stop, batch_size):
+        idx = perm[start : start + batch_size]  # (B,)
+        yield data.x.index_select(0, idx), data.y.index_select(0, idx)

@@ -1,0 +1,533 @@
+"""Optuna hyper-parameter search, in process, over the same :func:`train`.
+
+**Search space.** A plain dict (from ``parameters_tuning.yml``) mapping a dotted
+path into the base config ``{"model": {...}, "train": {...}}`` to a distribution::
+
+    {
+        "train.lr":         {"type": "float", "low": 1e-4, "high": 1e-2, "log": true},
+        "train.batch_size": {"type": "categorical", "choices": [512, 1024, 2048]},
+        "model.apg.rank":   {"type": "int", "low": 2, "high": 8, "step": 2},
+        "model.hidden":     {"type": "categorical", "choices": [[256, 128], [512, 256]]},
+    }
+
+There is no shorthand: ``"lr"`` is not ``"train.lr"``. Every path must already
+exist in the base config (put the default value there), so a typo fails before the
+first trial instead of silently tuning nothing. Categorical choices that are not
+scalars (lists, dicts) are passed to Optuna as their JSON text and decoded back.
+The Optuna parameter names are the paths themselves.
+
+**Resuming.** ``run_study`` counts the trials already in storage that finished
+(COMPLETE or PRUNED) and runs only the missing ones, so a study interrupted after
+k trials and started again reaches ``n_trials`` in total. Failed trials (including
+the one running when the process was interrupted) do not count and are re-run.
+
+Requires optuna (imported at module level: ``dynamic_ctr.training`` loads this
+module lazily).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from torch import nn
+
+from dynamic_ctr.spec import FeatureSpec
+from dynamic_ctr.training.batching import TensorData
+from dynamic_ctr.training.device import seed_everything
+from dynamic_ctr.training.loop import NonFiniteLossError, TrainConfig, TrainResult, train
+
+__all__ = [
+    "StudyConfig",
+    "TuneResult",
+    "apply_overrides",
+    "base_params",
+    "decode_params",
+    "finished_trials",
+    "run_study",
+    "suggest",
+    "trials_table",
+    "tune",
+    "validate_space",
+]
+
+logger = logging.getLogger(__name__)
+
+_SCALAR = (type(None), bool, int, float, str)
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+# ---------------------------------------------------------------- search space
+
+
+def validate_space(space: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check every distribution of ``space``; ``ValueError`` names the bad path."""
+    if not space:
+        raise ValueError("search space is empty")
+    for path, dist in space.items():
+        if not isinstance(dist, Mapping):
+            raise ValueError(f"space[{path!r}] must be a dict, got {dist!r}")
+        kind = dist.get("type")
+        if kind in ("float", "int"):
+            allowed = {"type", "low", "high", "log", "step"}
+            low, high = dist.get("low"), dist.get("high")
+            if low is None or high is None or not low <= high:
+                raise ValueError(
+                    f"space[{path!r}]: need low <= high, got low={low!r} high={high!r}"
+                )
+            if dist.get("log") and low <= 0:
+                raise ValueError(f"space[{path!r}]: log scale needs low > 0, got {low!r}")
+            if dist.get("log") and dist.get("step") is not None:
+                raise ValueError(f"space[{path!r}]: step and log cannot be combined")
+            if kind == "int" and not all(isinstance(v, int) for v in (low, high)):
+                raise ValueError(f"space[{path!r}]: int bounds must be ints, got {low!r}, {high!r}")
+        elif kind == "categorical":
+            allowed = {"type", "choices"}
+            choices = dist.get("choices")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                raise ValueError(
+                    f"space[{path!r}]: choices must be a non-empty list, got {choices!r}"
+                )
+        else:
+            raise ValueError(
+                f"space[{path!r}]: type={kind!r} must be 'float', 'int' or 'categorical'"
+            )
+        unknown = sorted(set(dist) - allowed)
+        if unknown:
+            raise ValueError(f"space[{path!r}]: unknown keys {unknown} for type {kind!r}")
+
+
+def _encoded_choices(choices: list[Any]) -> tuple[list[Any], bool]:
+    if all(isinstance(c, _SCALAR) for c in choices):
+        return list(choices), False
+    return [json.dumps(c, sort_keys=True) for c in choices], True
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Draw one value per path of ``space`` from ``trial``.
+
+    Returns:
+        ``{path: value}`` with non-scalar categorical choices decoded, ready for
+        :func:`apply_overrides`.
+    """
+    validate_space(space)
+    out: dict[str, Any] = {}
+    for path, dist in space.items():
+        kind = dist["type"]
+        if kind == "float":
+            out[path] = trial.suggest_float(
+                path,
+                float(dist["low"]),
+                float(dist["high"]),
+                log=bool(dist.get("log", False)),
+                step=dist.get("step"),
+            )
+        elif kind == "int":
+            out[path] = trial.suggest_int(
+                path,
+                dist["low"],
+                dist["high"],
+                log=bool(dist.get("log", False)),
+                step=dist.get("step") or 1,
+            )
+        else:
+            choices, encoded = _encoded_choices(list(dist["choices"]))
+            value = trial.suggest_categorical(path, choices)
+            out[path] = json.loads(value) if encoded else value
+    return out
+
+
+def base_params(base: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The Optuna params that reproduce ``base`` for every path of ``space`` whose base
+    value lies inside its distribution (others are left to the sampler)."""
+    out: dict[str, Any] = {}
+    for path, dist in space.items():
+        node: Any = base
+        for part in path.split("."):
+            node = node[part]
+        if dist["type"] == "categorical":
+            choices, encoded = _encoded_choices(list(dist["choices"]))
+            value = json.dumps(node, sort_keys=True) if encoded else node
+            if value in choices:
+                out[path] = value
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and dist["low"] <= node <= dist["high"]:
+            out[path] = node
+    return out
+
+
+def decode_params(
+    params: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Turn Optuna's stored ``trial.params`` back into overrides (JSON-encoded
+    categorical choices decoded). Params not in ``space`` are kept as they are."""
+    out = dict(params)
+    for path, dist in space.items():
+        if path in out and dist.get("type") == "categorical":
+            _, encoded = _encoded_choices(list(dist["choices"]))
+            if encoded:
+                out[path] = json.loads(out[path])
+    return out
+
+
+def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with each dotted ``path: value`` of ``overrides`` set.
+
+    Raises:
+        ValueError: a path does not already exist in ``base`` (names the path and
+            the first missing component).
+    """
+    out = copy.deepcopy(dict(base))
+    for path, value in overrides.items():
+        keys = path.split(".")
+        node: Any = out
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = ".".join(keys[:i]) or "<root>"
+                hint = ""
+                if i == 0 and len(keys) == 1:
+                    sections = [s for s, v in out.items() if isinstance(v, dict) and key in v]
+                    if sections:
+                        hint = f"; did you mean {', '.join(f'{s}.{key}' for s in sections)}?"
+                raise ValueError(
+                    f"unknown config path {path!r}: no key {key!r} under {where}{hint}"
+                )
+            if i == len(keys) - 1:
+                node[key] = copy.deepcopy(value)
+            else:
+                node = node[key]
+    return out
+
+
+# ---------------------------------------------------------------- study
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """How to run an Optuna study.
+
+    Args:
+        study_name: the study's name in storage (one name per model variant).
+        storage: ``None`` for in-memory, else an RDB URL such as
+            ``"sqlite:///data/06_models/optuna.db"`` (parent dirs are created).
+        n_trials: finished (COMPLETE or PRUNED) trials the study should hold in total.
+        timeout: stop starting new trials after this many seconds; ``None`` = no limit.
+        seed: seed of the ``TPESampler``.
+        pruner: ``"median"`` (``MedianPruner``) or ``"none"``.
+        n_startup_trials: trials run before TPE models the space and before the
+            median pruner may prune.
+        n_warmup_steps: epochs of a trial that are never pruned.
+        direction: ``"maximize"`` (AUC) or ``"minimize"``.
+        verbose: keep Optuna's per-trial INFO logs.
+    """
+
+    study_name: str = "dynamic-ctr"
+    storage: str | None = None
+    n_trials: int = 20
+    timeout: float | None = None
+    seed: int = 2024
+    pruner: Literal["median", "none"] = "median"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    direction: Literal["maximize", "minimize"] = "maximize"
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.study_name:
+            raise ValueError(f"{self.study_name=} must be non-empty")
+        if self.n_trials < 1:
+            raise ValueError(f"{self.n_trials=} must be >= 1")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"{self.timeout=} must be > 0 or None")
+        if self.pruner not in ("median", "none"):
+            raise ValueError(f"{self.pruner=} must be 'median' or 'none'")
+        if self.direction not in ("maximize", "minimize"):
+            raise ValueError(f"{self.direction=} must be 'maximize' or 'minimize'")
+        if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
+            raise ValueError(f"{self.n_startup_trials=} and {self.n_warmup_steps=} must be >= 0")
+
+
+def _prepare_storage(storage: str | None) -> None:
+    """Create the parent directory of a sqlite database file."""
+    if storage is None or not storage.startswith("sqlite:///"):
+        return
+    db = storage.removeprefix("sqlite:///").split("?", 1)[0]
+    if db and db != ":memory:":
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def _optuna_verbosity(verbose: bool) -> Iterator[None]:
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    logger.debug(
+        "trial %d %s: value=%s params=%s", trial.number, trial.state.name, trial.value, trial.params
+    )
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials of ``study`` that count toward ``n_trials`` (COMPLETE or PRUNED)."""
+    return len(study.get_trials(deepcopy=False, states=_FINISHED))
+
+
+def run_study(
+    objective_fn: Callable[[optuna.Trial], float],
+    cfg: StudyConfig,
+    *,
+    catch: tuple[type[Exception], ...] = (),
+    first_params: Mapping[str, Any] | None = None,
+) -> optuna.Study:
+    """Create or resume ``cfg.study_name`` and run it up to ``cfg.n_trials`` finished trials.
+
+    Uses ``TPESampler(seed=cfg.seed)`` and a ``MedianPruner`` (or none), and
+    ``load_if_exists=True``. Trials already finished in storage count toward
+    ``n_trials``; calling this again on a complete study runs nothing.
+
+    Args:
+        objective_fn: maps an ``optuna.Trial`` to its objective value.
+        cfg: study settings.
+        catch: exception types that fail a trial without stopping the study.
+        first_params: Optuna params of a trial to run first in a new (empty) study,
+            e.g. the configured defaults, so tuning never ends worse than them.
+    """
+    _prepare_storage(cfg.storage)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
+        )
+        if cfg.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    with _optuna_verbosity(cfg.verbose):
+        study = optuna.create_study(
+            storage=cfg.storage,
+            sampler=sampler,
+            pruner=pruner,
+            study_name=cfg.study_name,
+            direction=cfg.direction,
+            load_if_exists=True,
+        )
+        if study.direction.name.lower() != cfg.direction:
+            stored = study.direction.name.lower()
+            raise ValueError(
+                f"study {cfg.study_name!r} in storage is {stored}, but {cfg.direction=}"
+            )
+        if first_params and not study.trials:
+            study.enqueue_trial(dict(first_params))
+        done = finished_trials(study)
+        remaining = cfg.n_trials - done
+        logger.info(
+            "study %r: %d finished trial(s) in storage, running %d more (n_trials=%d)",
+            cfg.study_name, done, max(remaining, 0), cfg.n_trials,
+        )  # fmt: skip
+        if remaining > 0:
+            study.optimize(
+                objective_fn,
+                n_trials=remaining,
+                timeout=cfg.timeout,
+                catch=catch,
+                callbacks=[_log_trial],
+            )
+    return study
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One JSON-able dict per trial: ``number``, ``state``, ``value``, ``params``,
+    ``duration_s``, ``datetime_start`` (ISO text) and ``user_attrs``
+    (``pandas.DataFrame(trials_table(study))`` gives a tidy table)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": _json_number(t.value)
+                if t.values is not None and len(t.values) == 1
+                else None,
+                "params": dict(t.params),
+                "duration_s": t.duration.total_seconds() if t.duration is not None else None,
+                "datetime_start": t.datetime_start.isoformat()
+                if t.datetime_start is not None
+                else None,
+                "user_attrs": dict(t.user_attrs),
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns.
+
+    Args:
+        best_params: the best trial's overrides ``{path: value}`` (decoded).
+        best_value: its best validation AUC.
+        best_config: ``apply_overrides(base_config, best_params)``.
+        study: the Optuna study (``trials_table(study)`` for a report).
+        best_model: the best trial's model (best epoch's weights), on the data's
+            device, in eval mode.
+        best_history: that model's per-epoch history (see ``TrainResult``).
+        retrained: True when the best trial ran in an earlier process and its
+            model was rebuilt by training its params again.
+    """
+
+    best_params: dict[str, Any]
+    best_value: float
+    best_config: dict[str, Any]
+    study: optuna.Study
+    best_model: nn.Module
+    best_history: list[dict[str, float]]
+    retrained: bool
+
+
+ModelBuilder = Callable[[dict[str, Any], FeatureSpec], nn.Module]
+
+
+def _fit(
+    config: Mapping[str, Any],
+    spec: FeatureSpec,
+    train_data: TensorData,
+    valid_data: TensorData,
+    builder: ModelBuilder,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    train_cfg = TrainConfig.from_dict(config["train"])
+    seed_everything(train_cfg.seed)  # model init is reproducible per trial
+    model = builder(copy.deepcopy(dict(config["model"])), spec)
+    return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end)
+
+
+def tune(
+    base_config: Mapping[str, Any],
+    space: Mapping[str, Mapping[str, Any]],
+    spec: FeatureSpec,
+    train_data: TensorData,
+    valid_data: TensorData,
+    study_cfg: StudyConfig,
+    builder: ModelBuilder | None = None,
+) -> TuneResult:
+    """Search ``space`` around ``base_config`` and return the best model.
+
+    Each trial: ``overrides = suggest(trial, space)``, ``config =
+    apply_overrides(base_config, overrides)``, seed with ``config["train"]["seed"]``,
+    ``builder(config["model"], spec)``, then :func:`train` with an epoch callback
+    that reports the validation AUC to the trial (step = epoch) and raises
+    ``optuna.TrialPruned`` when the pruner says so. A new study's first trial runs the
+    base config itself (:func:`base_params`), so tuning never ends below the defaults. The trial's ``best_epoch``,
+    ``history`` and decoded ``overrides`` go into its user attrs. A trial whose
+    loss diverges (``NonFiniteLossError``) fails without stopping the study.
+
+    The best model is kept in memory: whenever a trial beats the best value seen
+    in this call, a CPU copy of its (best-epoch) state dict is kept. When the
+    study's best trial ran in an earlier process (a resumed study), its params are
+    trained once more with the same seed to rebuild the model; on CPU this
+    reproduces it exactly, on CUDA up to non-deterministic summation order.
+
+    Args:
+        base_config: ``{"model": {...}, "train": {...}}``; ``train`` holds
+            :class:`TrainConfig` fields.
+        space: the search space (module docstring).
+        spec: feature spec passed to ``builder``.
+        train_data: training split on the device.
+        valid_data: validation split on the same device.
+        study_cfg: study settings; ``direction`` must be ``"maximize"``.
+        builder: ``builder(model_config, spec) -> nn.Module``; ``None`` =
+            ``dynamic_ctr.models.build_model``.
+
+    Raises:
+        ValueError: bad space or path (before any trial runs), a non-maximising
+            study, or a study without any COMPLETE trial.
+    """
+    if builder is None:
+        from dynamic_ctr.models import build_model as builder
+    if study_cfg.direction != "maximize":
+        raise ValueError(f"{study_cfg.direction=}: tune maximises validation AUC")
+    for section in ("model", "train"):
+        if not isinstance(base_config.get(section), Mapping):
+            raise ValueError(f"base_config[{section!r}] must be a dict")
+    validate_space(space)
+    # fail on unknown paths before the first trial (value irrelevant: path check only)
+    apply_overrides(base_config, {path: None for path in space})
+
+    best: dict[str, Any] = {"value": -math.inf, "number": None, "state": None, "history": None}
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = suggest(trial, space)
+        config = apply_overrides(base_config, overrides)
+
+        def on_epoch_end(epoch: int, val_auc: float) -> None:
+            trial.report(val_auc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
+
+        result = _fit(config, spec, train_data, valid_data, builder, on_epoch_end)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("history", result.history)
+        trial.set_user_attr("overrides", overrides)
+        if result.best_val_auc > best["value"]:
+            best.update(
+                value=result.best_val_auc,
+                number=trial.number,
+                history=result.history,
+                state={
+                    k: v.detach().to("cpu", copy=True) for k, v in result.model.state_dict().items()
+                },
+            )
+        return result.best_val_auc
+
+    study = run_study(
+        objective, study_cfg, catch=(NonFiniteLossError,), first_params=base_params(base_config, space)
+    )
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise ValueError(f"study {study_cfg.study_name!r} has no COMPLETE trial")
+    best_trial = study.best_trial
+    best_params = decode_params(best_trial.params, space)
+    best_config = apply_overrides(base_config, best_params)
+
+    if best["number"] == best_trial.number:
+        model = builder(copy.deepcopy(best_config["model"]), spec)
+        model.load_state_dict(best["state"])
+        model.to(train_data.device)
+        history, retrained = best["history"], False
+    else:
+        logger.info(
+            "best trial %d ran in an earlier process; retraining its params once", best_trial.number
+        )
+        result = _fit(best_config, spec, train_data, valid_data, builder)
+        model, history, retrained = result.model, result.history, True
+        if not math.isclose(result.best_val_auc, best_trial.value, abs_tol=1e-4):
+            logger.warning(
+                "retrained best trial %d reached val_auc=%.5f, the study recorded %.5f",
+                best_trial.number, result.best_val_auc, best_trial.value,
+            )  # fmt: skip
+    return TuneResult(
+        best_params=best_params,
+        best_value=float(best_trial.value),
+        best_config=best_config,
+        study=study,
+        best_model=model.eval(),
+        best_history=history,
+        retrained=retrained,
+    )

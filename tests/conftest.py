@@ -1,0 +1,43 @@
+"""Fixtures shared by every test folder: the project root and the external data root.
+
+``DYNAMIC_CTR_DATA_ROOT`` points at the data sets that may not be shipped (MovieLens
+100K, the Criteo and Avazu samples). Tests that need it are skipped when it is unset
+or missing, unless ``DYNAMIC_CTR_REQUIRE_DATA_ROOT=1`` (as in CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    """The repository root (holds ``conf/``, ``data/``, ``src/``)."""
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The external data root from ``DYNAMIC_CTR_DATA_ROOT`` (read only)."""
+    value = os.environ.get("DYNAMIC_CTR_DATA_ROOT", "").strip()
+    problem = None
+    root = None
+    if not value:
+        problem = "DYNAMIC_CTR_DATA_ROOT is not set"
+    else:
+        root = Path(value).expanduser()
+        if not root.is_absolute() and not root.is_dir():
+            root = PROJECT_ROOT / root  # CI gives it relative to the project root
+        if not root.is_dir():
+            problem = f"DYNAMIC_CTR_DATA_ROOT={value!r} is not a directory"
+    if problem is not None:
+        if os.environ.get("DYNAMIC_CTR_REQUIRE_DATA_ROOT") == "1":
+            pytest.fail(f"{problem}, and DYNAMIC_CTR_REQUIRE_DATA_ROOT=1 requires the external data sets")
+        pytest.skip(f"{problem}: the external data sets (MovieLens-100K, Criteo, Avazu samples) are not at hand")
+    assert root is not None
+    return root.resolve()

@@ -1,0 +1,228 @@
+"""Backbones x dense towers, the config contract, and checkpoint round trips."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from modelkit import perturb, small_config
+
+from dynamic_ctr.models import BACKBONES, build_model, count_parameters
+from dynamic_ctr.models.apg import APGTower
+from dynamic_ctr.models.layers import CrossNetV1, CrossNetV2, FactorizationMachine, MLPTower
+
+FAMILIES = sorted(BACKBONES)
+APG_V4 = {"version": "v4", "rank": 4}
+
+
+@pytest.mark.parametrize("family, apg", list(itertools.product(FAMILIES, [None, APG_V4])))
+def test_forward_shape_and_finite_gradients(spec, batch, family, apg):
+    model = build_model(small_config(family=family, apg=apg, dropout=0.1, batch_norm=True), spec)
+    assert isinstance(model.dense, APGTower if apg else MLPTower)
+    logits = model(batch)
+    assert logits.shape == (3,)
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.tensor([1.0, 0.0, 1.0])
+    ).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert model.embedding.table.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_depend_on_every_field(spec, family):
+    model = perturb(build_model(small_config(family=family), spec)).eval()
+    x = torch.tensor([[2, 3, 2, 2, 3, 0, 0]])
+    base = model(x)
+    for slot, new in [(0, 5), (1, 4), (2, 3), (3, 5)]:
+        changed = x.clone()
+        changed[0, slot] = new
+        assert not torch.allclose(model(changed), base), f"slot {slot}"
+
+
+def test_fm_matches_pairwise_sum():
+    emb = torch.randn(2, 5, 3)
+    pairwise = sum((emb[:, i] * emb[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5))
+    torch.testing.assert_close(FactorizationMachine()(emb), pairwise)
+
+
+def test_cross_net_v1_formula():
+    torch.manual_seed(0)
+    net = CrossNetV1(4, 2)
+    x0 = torch.randn(3, 4)
+    x = x0
+    for w, b in zip(net.weight, net.bias):
+        x = torch.stack([x0[i] * (x[i] @ w) + b + x[i] for i in range(3)])
+    torch.testing.assert_close(net(x0), x)
+
+
+def test_cross_net_v2_formula():
+    torch.manual_seed(0)
+    net = CrossNetV2(4, 2)
+    x0 = torch.randn(3, 4)
+    x = x0
+    for layer in net.layers:
+        x = x0 * (x @ layer.weight.T + layer.bias) + x
+    torch.testing.assert_close(net(x0), x)
+
+
+def test_deepfm_adds_fm_term_to_wdl_structure(spec, batch):
+    wdl = build_model(small_config(family="wdl"), spec)
+    deepfm = build_model(small_config(family="deepfm"), spec)
+    perturb(wdl)
+    state = {k.replace("wide.", "first_order."): v for k, v in wdl.state_dict().items()}
+    deepfm.load_state_dict(state)
+    emb = wdl.embedding(batch)
+    torch.testing.assert_close(deepfm(batch), wdl(batch) + FactorizationMachine()(emb))
+
+
+# --- config contract -----------------------------------------------------------------
+
+
+def test_config_is_normalized_and_json_able(spec):
+    model = build_model({"family": "dnn", "apg": {"condition": {"mode": "mix"}}}, spec)
+    cfg = model.config
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert cfg["embedding_dim"] == 16 and cfg["hidden_units"] == [256, 128, 64]
+    assert cfg["apg"]["version"] == "v4" and cfg["apg"]["rank"] == 4
+    assert cfg["apg"]["condition"] == {
+        "mode": "mix",
+        "fields": ["user", "item"],
+        "aggregation": "input",
+        "combine": "attention",
+        "attention_dim": 16,
+    }
+    assert model.spec is spec
+    assert build_model({"apg": {"condition": {"mode": "group"}}}, spec).config["apg"]["condition"][
+        "fields"
+    ] == ["user"]
+
+
+BAD_CONFIGS = [
+    ({"family": "xgboost"}, "family"),
+    ({"famly": "wdl"}, "famly"),
+    ({"embedding_dim": 0}, "embedding_dim"),
+    ({"embedding_dim": True}, "embedding_dim"),
+    ({"hidden_units": []}, "hidden_units"),
+    ({"hidden_units": [8, 0]}, "hidden_units"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"batch_norm": "yes"}, "batch_norm"),
+    ({"cross_layers": 0}, "cross_layers"),
+    ({"apg": {"verison": "v4"}}, "apg.verison"),
+    ({"apg": {"version": "v9"}}, "apg.version"),
+    ({"apg": {"rank": 9}}, "apg.rank"),  # min(d_in=16, 12, 8) = 8 for the last layer
+    ({"apg": {"rank": [4]}}, "apg.rank"),  # one rank per hidden layer
+    ({"apg": {"rank": 0}}, "apg.rank"),
+    ({"apg": {"version": "v4", "stack": 3}}, "apg.stack"),
+    ({"apg": {"width": 0}}, "apg.width"),
+    ({"apg": {"generator_layers": 0}}, "apg.generator_layers"),
+    ({"apg": {"condition": {"mode": "team"}}}, "apg.condition.mode"),
+    ({"apg": {"condition": {"mode": "self", "combine": "mean"}}}, "apg.condition.combine"),
+    (
+        {"apg": {"condition": {"mode": "group", "aggregation": "input"}}},
+        "apg.condition.aggregation",
+    ),
+    ({"apg": {"condition": {"mode": "group", "fields": ["user", "item"]}}}, "apg.condition.fields"),
+    ({"apg": {"condition": {"mode": "mix", "fields": ["user"]}}}, "apg.condition.fields"),
+    ({"apg": {"condition": {"mode": "mix", "fields": ["user", "nope"]}}}, "apg.condition.fields"),
+    ({"apg": {"condition": {"mode": "group", "fields": "user"}}}, "apg.condition.fields"),
+    ({"apg": {"condition": {"mode": "mix", "combine": "sum"}}}, "apg.condition.combine"),
+    ({"apg": {"condition": {"mode": "mix", "aggregation": "middle"}}}, "apg.condition.aggregation"),
+    ({"apg": {"condition": {"mode": "self", "extra": 1}}}, "apg.condition.extra"),
+    ({"folded": True, "dropout": 0.1}, "folded"),
+    ({"folded": True, "apg": {"version": "v5"}}, "folded"),
+    ({"seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_CONFIGS, ids=[k for _, k in BAD_CONFIGS])
+def test_bad_config_raises_value_error_naming_the_key(spec, overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_model(small_config(**overrides), spec)
+
+
+def test_group_default_needs_a_user_field(spec):
+    from dynamic_ctr.spec import FeatureSpec
+
+    anonymous = FeatureSpec(spec.fields)  # no user_field
+    with pytest.raises(ValueError, match="apg.condition.fields"):
+        build_model(small_config(apg={"condition": {"mode": "group"}}), anonymous)
+    model = build_model(
+        small_config(apg={"condition": {"mode": "group", "fields": ["item"]}}), anonymous
+    )
+    assert model.config["apg"]["condition"]["fields"] == ["item"]
+
+
+def test_per_layer_rank(spec):
+    model = build_model(small_config(apg={"rank": [3, 2]}), spec)
+    assert [layer.cfg.rank for layer in model.dense.layers] == [3, 2]
+
+
+# --- seeding and checkpoints ---------------------------------------------------------
+
+ROUND_TRIP_CONFIGS = [
+    small_config(family="dcnv2", batch_norm=True),
+    small_config(family="deepfm", apg={"version": "v5", "stack": 3}),
+    small_config(
+        family="dcn",
+        apg={
+            "version": "v3",
+            "generated_bias": True,
+            "condition": {"mode": "mix", "aggregation": "output"},
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP_CONFIGS, ids=lambda c: c["family"])
+def test_rebuild_from_config_and_load_state_dict(spec, big_batch, config):
+    model = perturb(build_model(config, spec))
+    model.train()
+    model(big_batch)  # moves BatchNorm running stats off their init
+    model.eval()
+    rebuilt = build_model(json.loads(json.dumps(model.config)), model.spec)
+    assert not torch.allclose(rebuilt.eval()(big_batch), model(big_batch))  # differs before loading
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(big_batch), model(big_batch), rtol=0, atol=0)
+    assert rebuilt.config == model.config
+
+
+def test_seeded_builds_are_identical_and_seed_matters(spec, batch):
+    config = small_config(
+        apg={"version": "v5", "condition": {"mode": "mix", "combine": "attention"}}
+    )
+    a, b = build_model(config, spec), build_model(config, spec)
+    c = build_model({**config, "seed": 1}, spec)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert torch.equal(a(batch), b(batch))
+
+
+def test_build_does_not_touch_global_rng(spec):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_model(small_config(apg=APG_V4), spec)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_count_parameters(spec):
+    model = build_model(small_config(family="dnn", hidden_units=[8]), spec)
+    # table (10+8+4+6)*4 + Linear(16, 8) + head Linear(8, 1)
+    assert count_parameters(model) == 28 * 4 + (16 * 8 + 8) + (8 + 1)
+
+
+def test_models_import_without_kedro_or_pandas():
+    code = (
+        "import sys, dynamic_ctr.models; "
+        "bad = [m for m in ('kedro', 'pandas') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,84 @@
+"""FieldEmbedding: one table, per-slot offsets, mean pooling over non-pad slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamic_ctr.models.embedding import FieldEmbedding, field_order
+from dynamic_ctr.spec import FeatureSpec, FieldSpec
+
+
+def _unit_embedding(spec: FeatureSpec, dim: int = 5) -> FieldEmbedding:
+    torch.manual_seed(0)
+    emb = FieldEmbedding(spec, dim)
+    with torch.no_grad():
+        emb.table.weight.normal_()  # unit scale, so differences are visible
+    return emb
+
+
+def test_shape_and_field_order(spec, batch):
+    emb = _unit_embedding(spec)
+    out = emb(batch)
+    assert out.shape == (3, 4, 5)
+    assert emb.field_names == ("user", "item", "domain", "genres") == field_order(spec)
+    assert emb.table.num_embeddings == 10 + 8 + 4 + 6
+
+
+def test_categorical_slots_use_their_own_field_rows(spec):
+    emb = _unit_embedding(spec)
+    x = torch.tensor([[2, 3, 1, 2, 0, 0, 0]])
+    out = emb(x)[0]  # (F, D)
+    w = emb.table.weight
+    torch.testing.assert_close(out[0], w[2])  # user 2
+    torch.testing.assert_close(out[1], w[10 + 3])  # item 3
+    torch.testing.assert_close(out[2], w[18 + 1])  # domain OOV
+    torch.testing.assert_close(out[3], w[22 + 2])  # genres [2]
+    assert not torch.allclose(out[0], out[3])  # same local index 2, different fields
+
+
+def test_sequence_is_mean_over_non_pad_slots(spec):
+    emb = _unit_embedding(spec)
+    w = emb.table.weight
+    x = torch.tensor([[2, 2, 2, 2, 3, 0, 0], [2, 2, 2, 0, 2, 0, 3], [2, 2, 2, 2, 3, 5, 4]])
+    out = emb(x)[:, 3]  # (B, D)
+    expected_23 = (w[22 + 2] + w[22 + 3]) / 2
+    torch.testing.assert_close(out[0], expected_23)
+    torch.testing.assert_close(out[1], expected_23)  # pad position does not matter
+    torch.testing.assert_close(out[2], (w[24] + w[25] + w[27] + w[26]) / 4)
+
+
+def test_pad_slots_do_not_change_pooled_embedding(spec):
+    emb = _unit_embedding(spec)
+    with torch.no_grad():
+        emb.table.weight[22].fill_(100.0)  # the genres pad row: must never leak in
+    short = torch.tensor([[2, 2, 2, 4, 0, 0, 0]])
+    padded = torch.tensor([[2, 2, 2, 0, 4, 0, 0]])
+    torch.testing.assert_close(emb(short), emb(padded))
+    torch.testing.assert_close(emb(short)[0, 3], emb.table.weight[22 + 4])
+
+
+def test_all_pad_sequence_pools_to_zero(spec):
+    emb = _unit_embedding(spec)
+    out = emb(torch.tensor([[2, 2, 2, 0, 0, 0, 0]]))
+    assert torch.equal(out[0, 3], torch.zeros(5))
+
+
+def test_pad_slots_get_no_gradient(spec):
+    emb = _unit_embedding(spec)
+    emb(torch.tensor([[2, 2, 2, 3, 0, 0, 0]])).sum().backward()
+    grad = emb.table.weight.grad
+    assert torch.all(grad[22] == 0)  # genres pad row
+    assert torch.all(grad[25] != 0)  # genres value 3
+
+
+def test_only_categorical_spec_skips_pooling():
+    spec = FeatureSpec((FieldSpec("a", "categorical", 3), FieldSpec("b", "categorical", 4)))
+    emb = FieldEmbedding(spec, 2)
+    assert emb(torch.tensor([[1, 2], [2, 3]])).shape == (2, 2, 2)
+
+
+def test_wrong_input_shape_raises(spec):
+    emb = FieldEmbedding(spec, 3)
+    with pytest.raises(ValueError, match=r"\(B, 7\)"):
+        emb(torch.zeros(2, 4, dtype=torch.long))

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynamic_ctr.training import (
+    NonFiniteLossError,
+    TrainConfig,
+    auc,
+    evaluate,
+    make_optimizer,
+    tensors_from_columns,
+    train,
+)
+
+FAST = TrainConfig(lr=0.02, batch_size=128, max_epochs=4, patience=2, progress=False, log_every=5)
+TIMING = {"seconds", "samples_per_s"}
+
+
+def _without_timing(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_learns_a_learnable_problem_close_to_the_oracle(splits, builder, spec):
+    train_data, valid_data, valid_prob = splits
+    torch.manual_seed(0)
+    result = train(builder({"dim": 4, "hidden": 8}, spec), train_data, valid_data, FAST)
+    oracle = auc(valid_data.y, valid_prob)  # AUC of the true click probabilities
+    assert oracle > 0.8  # the problem is learnable...
+    assert result.best_val_auc > 0.75  # ...and is learnt: well above 0.5
+    assert result.best_val_auc > oracle - 0.05
+    assert [h["epoch"] for h in result.history] == list(range(1, len(result.history) + 1))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert all(h["samples_per_s"] > 0 for h in result.history)
+
+
+def test_two_seeded_runs_are_identical(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    cfg = dataclasses.replace(FAST, max_epochs=3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = builder(
+            {"dim": 4, "hidden": 8, "dropout": 0.2}, spec
+        )  # dropout uses the seeded global RNG
+        runs.append(train(model, train_data, valid_data, cfg))
+    a, b = runs
+    assert _without_timing(a.history) == _without_timing(b.history)
+    for (ka, va), (kb, vb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(va, vb)
+    # and the seed matters: a different shuffling/dropout seed changes the run
+    torch.manual_seed(0)
+    c = train(
+        builder({"dim": 4, "hidden": 8, "dropout": 0.2}, spec),
+        train_data,
+        valid_data,
+        dataclasses.replace(cfg, seed=7),
+    )
+    assert _without_timing(c.history) != _without_timing(a.history)
+
+
+def test_early_stopping_restores_the_best_epoch(spec, builder, columns_factory):
+    # validation clicks are the opposite of the training concept: the better the fit,
+    # the worse the validation AUC, so the best epoch is an early one and training
+    # continues past it for `patience` epochs.
+    train_data = tensors_from_columns(columns_factory(3000, seed=1)[0], spec)
+    valid_data = tensors_from_columns(columns_factory(1500, seed=2, flip=True)[0], spec)
+    cfg = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    torch.manual_seed(0)
+    result = train(builder({"dim": 4, "hidden": 8}, spec), train_data, valid_data, cfg)
+    aucs = [h["val_auc"] for h in result.history]
+    assert result.best_epoch == int(np.argmax(aucs)) + 1
+    assert result.best_val_auc == max(aucs)
+    assert len(result.history) == result.best_epoch + cfg.patience < cfg.max_epochs  # stopped early
+    assert aucs[-1] < result.best_val_auc  # the final epoch's weights were worse...
+    # (this also proves the kept best state is a copy: an alias would score like the last epoch)
+    restored = auc(valid_data.y, evaluate(result.model, valid_data))
+    assert restored == pytest.approx(
+        result.best_val_auc, abs=1e-12
+    )  # ...and were replaced by the best ones
+
+
+class _NanAfter(nn.Module):
+    """Wraps a model; training-mode forward returns NaN from call ``start`` on."""
+
+    def __init__(self, inner: nn.Module, start: int) -> None:
+        super().__init__()
+        self.inner, self.start, self.calls = inner, start, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.start:
+                return out * float("nan")
+        return out
+
+
+def test_nan_loss_raises_naming_epoch_step_and_last_finite_loss(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    steps = -(-len(train_data) // FAST.batch_size)  # 24 steps per epoch
+    model = _NanAfter(builder({}, spec), start=steps + 3)  # epoch 2, step 3 (inside a log window)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 \(last finite loss: \d+\.\d+\)"):
+        train(model, train_data, valid_data, FAST)
+
+
+def test_diverging_learning_rate_raises(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        train(builder({}, spec), train_data, valid_data, dataclasses.replace(FAST, lr=1e30))
+
+
+def test_on_epoch_end_sees_each_epoch_and_its_exceptions_propagate(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(epoch: int, val_auc: float) -> None:
+        seen.append((epoch, val_auc))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(builder({}, spec), train_data, valid_data, FAST, on_epoch_end=callback)
+    assert [e for e, _ in seen] == [1, 2]
+    assert all(0.0 <= v <= 1.0 for _, v in seen)
+
+
+def test_bfloat16_autocast_on_cpu_trains(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    cfg = dataclasses.replace(FAST, amp=True, amp_dtype="bfloat16", max_epochs=2, grad_clip=1.0)
+    torch.manual_seed(0)
+    result = train(builder({}, spec), train_data, valid_data, cfg)
+    assert result.best_val_auc > 0.7
+
+
+def test_float16_autocast_is_refused_on_cpu(splits, builder, spec):
+    train_data, valid_data, _ = splits
+    with pytest.raises(ValueError, match="amp_dtype"):
+        train(
+            builder({}, spec),
+            train_data,
+            valid_data,
+            dataclasses.replace(FAST, amp=True, amp_dtype="float16"),
+        )
+
+
+def test_optimizer_groups_apply_weight_decay_by_parameter_kind(builder, spec):
+    model = builder({}, spec)
+    opt = make_optimizer(
+        model, TrainConfig(weight_decay=0.1, embedding_weight_decay=0.01), torch.device("cpu")
+    )
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_decay[0.01] == {id(model.embedding.weight)}
+    assert by_decay[0.1] == {id(model.mlp[0].weight), id(model.mlp[3].weight)}
+    assert by_decay[0.0] == {id(model.mlp[0].bias), id(model.mlp[3].bias)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"patience": 0}, "patience"),
+        ({"amp_dtype": "float8"}, "amp_dtype"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+)
+def test_train_config_rejects_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_from_dict_names_unknown_keys():
+    assert TrainConfig.from_dict({"lr": 0.1}).lr == 0.1
+    with pytest.raises(ValueError, match="'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
