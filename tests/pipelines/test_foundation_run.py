@@ -7,31 +7,13 @@ and run there with ``--env tiny``, so the repository's data/ is never written.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
-PROJECT = Path(__file__).resolve().parents[2]
 FOUNDATION = ["ingestion", "features", "domains"]
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "project"
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copytree(PROJECT / "data" / "01_raw" / "ml-latest-tiny", root / "data" / "01_raw" / "ml-latest-tiny")
-    (root / "src").mkdir()  # the package itself is imported from the installed project
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT / name, root / name)
-    monkeypatch.chdir(root)
-    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "1")
-    bootstrap_project(root)
-    return root
 
 
 def _run(root: Path, **kwargs) -> None:

@@ -78,17 +78,7 @@ __all__ = [
     "seed_everything",
     "tensors_from_columns",
     "train",
-    # from dynamic_ctr.training.tuning, loaded lazily
-    "StudyConfig",
-    "TuneResult",
-    "apply_overrides",
-    "decode_params",
-    "finished_trials",
-    "run_study",
-    "suggest",
-    "trials_table",
-    "tune",
-    "validate_space",
+    *_TUNING_NAMES,  # from dynamic_ctr.training.tuning, loaded lazily
 ]
 
 
