@@ -171,7 +171,7 @@ CASES: dict[str, Case] = {
     ),
     "wrong-separator-semicolon": Case(
         "base", _all_lines("ratings", lambda s: s.replace(",", ";")), "ratings",
-        error=("{path}", "missing column(s) ['userId', 'movieId', 'rating', 'timestamp']", "userId;movieId;rating;timestamp"),
+        error=("{path}", "line 1", "wrong separator", "splits into 4 fields on ';'"),
     ),
     "criteo-wrong-separator-comma": Case(
         "criteo", _all_lines("clicks", lambda s: s.replace("\t", ",")), "clicks",
@@ -278,13 +278,14 @@ def _prepare(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> tupl
     files = Files({role: _source_lines(src, request, count) for role, (src, count, _) in sources.items()})
     case.mutate(files)
     if case.env == "base":
+        # conf/base's options for the shipped files, pointed at the copies.
         configs = {
-            role: {"filepath": str(tmp_path / src.split(":", 1)[1]), **({"optional": True} if optional else {})}
-            for role, (src, _, optional) in sources.items()
+            role: {**cfg, "filepath": str(tmp_path / Path(cfg["filepath"]).name)}
+            for role, cfg in conf.raw_files("base").items()
         }
-        # conf/base reads the shipped files with the defaults: same options as here.
-        for role, cfg in conf.raw_files("base").items():
-            assert {k: v for k, v in cfg.items() if k != "filepath"} == {k: v for k, v in configs[role].items() if k != "filepath"}
+        assert {role: bool(cfg.get("optional")) for role, cfg in configs.items()} == {
+            role: optional for role, (_, _, optional) in sources.items()
+        }
     else:
         configs = conf.raw_files(case.env, tmp_path)
     for role, cfg in configs.items():
@@ -298,7 +299,10 @@ def _prepare(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> tupl
     return configs, conf.params(case.env, "ingestion"), files
 
 
-@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=name, marks=[pytest.mark.data_root] if c.env != "base" else []) for name, c in CASES.items()],
+)
 def test_malformed_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     configs, params, files = _prepare(case, request, tmp_path)
     conf = request.getfixturevalue("conf")
@@ -376,3 +380,13 @@ def test_too_many_bad_rows_stop_the_run_after_ingest_kept_them(request: pytest.F
     # The same report under a looser limit passes the check.
     relaxed = check_quarantine(clean, {**report, "max_quarantine_share_allowed": 0.05})
     assert relaxed is not None
+
+
+def test_malformed_row_of_a_multi_character_separator_file_is_shown_as_written(tmp_path):
+    from dynamic_ctr.data.raw import RawFileConfig, read_raw
+
+    path = tmp_path / "ratings.dat"
+    path.write_bytes(b"1::10::5::978300760\n2::20::4\n3::30::3::978300761\n")
+    raw = read_raw(RawFileConfig(filepath=str(path), sep="::", header=False, quoted=False, names=("u", "i", "r", "t")))
+    assert raw.table.num_rows == 2 and raw.lines.tolist() == [1, 3]
+    assert [(m.line, m.text) for m in raw.malformed] == [(2, "2::20::4")]

@@ -55,7 +55,7 @@ def _index_of(enc: FieldEncoder) -> dict:
 
 def test_values_only_in_valid_or_test_are_oov(splits, encoder):
     train, valid, test = splits
-    train_items = set(train["item"].tolist())
+    train_items, train_users = set(train["item"].tolist()), set(train["user"].tolist())
     assert set(encoder.field("item").vocab) == train_items
     index = _index_of(encoder.field("item"))
     for frame in (valid, test):
@@ -66,7 +66,7 @@ def test_values_only_in_valid_or_test_are_oov(splits, encoder):
         expected = [OOV_INDEX if u else index[i] for i, u in zip(items, unseen)]
         assert encoded["item"].tolist() == expected
         assert stats["item"]["oov_rows"] == sum(unseen)
-        assert stats["user"]["oov_rows"] == sum(u not in set(train["user"]) for u in frame["user"])
+        assert stats["user"]["oov_rows"] == sum(u not in train_users for u in frame["user"].tolist())
     # A value never seen anywhere is OOV too, whatever the field.
     strange = test.head(5).assign(
         user=pd.array([10**9] * 5, dtype="int64[pyarrow]"),
@@ -123,13 +123,13 @@ def test_min_count_per_field(splits, latest_result, params):
     ("value", "bucket"),
     [
         (-1.0, -1), (0.0, 0), (1.0, 1), (2.0, 2),  # v <= 2: v itself
-        (2.5, 0),  # log(2.5)^2 = 0.840
-        (3.0, 1),  # log(3)^2 = 1.207
-        (10.0, 5), (11.0, 5),  # 5.302, 5.750
-        (20.0, 8),  # 8.974
-        (100.0, 21),  # 21.208
-        (1000.0, 47),  # 47.717
-        (1e6, 190),  # 190.868
+        (2.5, 3),  # log(2.5)^2 = 0.840, + 3 (log buckets start above small values)
+        (3.0, 4),  # log(3)^2 = 1.207: 1 + 3, not v = 1's bucket
+        (10.0, 8), (11.0, 8),  # 5.302, 5.750
+        (20.0, 11),  # 8.974
+        (100.0, 24),  # 21.208
+        (1000.0, 50),  # 47.717
+        (1e6, 193),  # 190.868
     ],
 )
 def test_log_buckets_hand_computed(value, bucket):
@@ -141,5 +141,155 @@ def test_log_buckets_missing_stays_missing_and_indexes():
     train = pd.DataFrame({"label": pd.array([0, 1, 0, 1, 0], dtype="int8[pyarrow]"),
                           "x": pd.array([10.0, 11.0, 100.0, None, 1.0], dtype="double[pyarrow]")})
     enc = FeatureEncoder.fit(train, TableSchema(numeric=("x",)), EncoderParams())
-    assert enc.field("x").bucket(pa.array([10.0, None, 1.0])).to_pylist() == [5, None, 1]
-    assert enc.field("x").vocab == [5, None, 1, 21]  # by count, ties by text: "1" < "21" < "None"? no:
+    assert enc.field("x").bucket(pa.array([10.0, None, 1.0])).to_pylist() == [8, None, 1]
+    # By training count, ties by text (a missing value sorts as "").
+    assert enc.field("x").vocab == [8, None, 1, 24]
+    valid = pd.DataFrame({"label": pd.array([1, 1, 0, 0], dtype="int8[pyarrow]"),
+                          "x": pd.array([12.0, None, 3.0, 7.0], dtype="double[pyarrow]")})
+    encoded, stats = enc.transform(valid)
+    # 12 -> bucket 9 (unseen), missing -> seen, 3 -> bucket 4 (unseen: no collision with v=1), 7 -> 6 (unseen)
+    assert encoded["x"].tolist() == [OOV_INDEX, 3, OOV_INDEX, OOV_INDEX]
+    assert stats["x"]["oov_rows"] == 3
+
+
+@pytest.mark.data_root
+def test_log_buckets_on_criteo_counts(conf, data_root):
+    table = conf.run("criteo", data_root).table
+    for name in ("I2", "I5", "I13"):
+        values = table[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        enc = FieldEncoder(name, "numeric", "context", [], bucketing="log")
+        got = enc.bucket(pa.array(values)).to_pylist()
+        expected = [None if math.isnan(v) else (math.floor(math.log(v) ** 2) + 3 if v > 2 else int(v)) for v in values]
+        assert got == expected, name
+
+
+def test_quantile_edges_hand_computed_from_train_only():
+    train = pd.DataFrame({"label": pd.array([0, 1] * 4, dtype="int8[pyarrow]"),
+                          "x": pd.array([1, 2, 3, 4, 5, 6, 7, 8], dtype="double[pyarrow]")})
+    enc = FeatureEncoder.fit(train, TableSchema(numeric=("x",)), EncoderParams(numeric_buckets="quantile", quantile_buckets=4))
+    # Quartiles of 1..8 (linear interpolation): positions 1.75, 3.5, 5.25.
+    assert enc.field("x").edges == [2.75, 4.5, 6.25]
+    assert enc.field("x").bucket(pa.array([1.0, 2.75, 3.0, 4.5, 6.0, 8.0])).to_pylist() == [0, 1, 1, 2, 2, 3]
+    # Validation values far outside the training range fall in the outer buckets.
+    valid = pd.DataFrame({"label": pd.array([0, 0], dtype="int8[pyarrow]"), "x": pd.array([-1e9, 1e9], dtype="double[pyarrow]")})
+    encoded, stats = enc.transform(valid)
+    lowest, highest = enc.transform(train)[0]["x"].iloc[[0, -1]].tolist()
+    assert encoded["x"].tolist() == [lowest, highest] and stats["x"]["oov_rows"] == 0
+
+
+def test_quantile_edges_ignore_later_rows_of_a_time_split(latest_table):
+    train, valid, test = split_frame(latest_table, SplitParams(method="time"), "timestamp")
+    schema = TableSchema(categorical=("user",), numeric=("timestamp",))
+    enc = FeatureEncoder.fit(train, schema, EncoderParams(numeric_buckets="quantile", quantile_buckets=16))
+    edges = enc.field("timestamp").edges
+    assert len(edges) == 15 and edges == sorted(edges) and edges[-1] <= train["timestamp"].max()
+    # The training rows spread over the 16 buckets...
+    per_bucket = Counter(enc.field("timestamp").bucket(pa.array(train["timestamp"].to_numpy())).to_pylist())
+    assert len(per_bucket) == 16 and max(per_bucket.values()) < 2 * len(train) / 16
+    # ...while every later (test) row is past the last training edge: edges saw no test row.
+    encoded, _ = enc.transform(test)
+    last = enc.field("timestamp").vocab.index(15) + FIRST_VALUE_INDEX
+    assert set(encoded["timestamp"]) == {last}
+
+
+# ------------------------------------------------------------------ multi-valued fields
+
+
+def test_multi_valued_slots_lengths_and_truncation(splits, latest_result, params):
+    train, _, test = splits
+    enc = FeatureEncoder.fit(train, latest_result.schema, replace(params, max_len={"genres": 3, "tags": 10}))
+    assert enc.field("genres").max_len == 3
+    encoded, stats = enc.transform(test)
+    index = _index_of(enc.field("genres"))
+    slots = encoded[["genres__0", "genres__1", "genres__2"]].to_numpy()
+    lengths = encoded["genres__len"].to_numpy()
+    assert encoded["genres__len"].dtype == np.int16 and slots.dtype == np.int32
+    genres = [list(g) for g in test["genres"].tolist()]
+    for row, g in enumerate(genres):
+        kept = [index.get(x, OOV_INDEX) for x in g[:3]]
+        assert slots[row].tolist() == kept + [PAD_INDEX] * (3 - len(kept)), row
+        assert lengths[row] == min(len(g), 3)
+    assert stats["genres"]["truncated_rows"] == sum(len(g) > 3 for g in genres) > 0
+    assert any(len(g) == 0 for g in genres)  # "(no genres listed)": all padding
+    spec = enc.feature_spec()["genres"]
+    assert (spec.kind, spec.max_len, spec.vocab_size) == ("sequence", 3, len(enc.field("genres").vocab) + 2)
+
+
+def test_automatic_max_len_and_cap(splits, latest_result):
+    train = splits[0]
+    lengths = np.array([len(g) for g in train["genres"].tolist()])
+    enc = FeatureEncoder.fit(train, latest_result.schema, EncoderParams())
+    p99 = int(np.ceil(np.percentile(lengths, 99)))
+    assert 1 < p99 < lengths.max()
+    assert enc.field("genres").max_len == p99
+    capped = FeatureEncoder.fit(train, latest_result.schema, EncoderParams(max_len_cap=2))
+    assert capped.field("genres").max_len == 2
+
+
+# ------------------------------------------------------------------ saving and chunking
+
+
+def test_saved_encoder_reencodes_new_data_identically(splits, encoder, conf, latest_result):
+    test = splits[2]
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(encoder.to_dict())))
+    assert restored.feature_spec() == encoder.feature_spec()
+    for frame in (test, test.iloc[::-1].reset_index(drop=True)):
+        a, stats_a = encoder.transform(frame, passthrough=("source_line",))
+        b, stats_b = restored.transform(frame, passthrough=("source_line",))
+        pd.testing.assert_frame_equal(a, b)
+        assert stats_a == stats_b
+    # New rows read from another raw file (the shipped 30-user sample) encode alike too.
+    tiny = conf.run("tiny").table
+    _, (tiny,), _ = aggregate_item_lists(splits[0], [tiny], latest_result.schema)
+    a, stats_a = encoder.transform(tiny)
+    b, stats_b = restored.transform(tiny)
+    pd.testing.assert_frame_equal(a, b)
+    assert stats_a == stats_b
+    index = _index_of(restored.field("item"))
+    assert a["item"].tolist() == [index.get(i, OOV_INDEX) for i in tiny["item"].tolist()]
+    with pytest.raises(ValueError, match="format_version"):
+        FeatureEncoder.from_dict({**encoder.to_dict(), "format_version": 99})
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 997, 5000])
+def test_chunked_transform_equals_unchunked(splits, encoder, chunk_rows):
+    frame = splits[2] if chunk_rows > 1 else splits[2].iloc[100:260]
+    whole, stats_whole = encoder.transform(frame)
+    chunked = FeatureEncoder(encoder.fields, encoder.schema, replace(encoder.params, chunk_rows=chunk_rows))
+    parts, stats_parts = chunked.transform(frame)
+    pd.testing.assert_frame_equal(whole, parts)
+    assert stats_whole == stats_parts
+
+
+# ------------------------------------------------------------------ item aggregation
+
+
+def test_aggregate_item_lists_reads_training_rows_only(raw_splits, latest_result):
+    train, valid, test = (f.copy() for f in raw_splits)
+    train_items = set(train["item"].tolist())
+    # A tag given only in a test row, for an item that has training rows ...
+    row = next(i for i, item in enumerate(test["item"].tolist()) if item in train_items)
+    # ... and tags on a test row of an item that has none.
+    lonely = next(i for i, item in enumerate(test["item"].tolist()) if item not in train_items)
+    tags = [list(t) for t in test["tags"].tolist()]
+    tags[row] = [*tags[row], LEAK_TAG]
+    tags[lonely] = ["only-in-test"]
+    test["tags"] = pd.array(tags, dtype=pd.ArrowDtype(pa.list_(pa.string())))
+
+    new_train, (new_valid, new_test), notes = aggregate_item_lists(train, [valid, test], latest_result.schema)
+    for frame in (new_train, new_valid, new_test):
+        flat = {t for ts in frame["tags"].tolist() for t in ts}
+        assert LEAK_TAG not in flat and "only-in-test" not in flat
+    assert list(new_test["tags"].iloc[lonely]) == []
+
+    # Each item's list: its training tags, most frequent first (ties by text).
+    per_item: dict[int, Counter] = {}
+    for item, ts in zip(train["item"].tolist(), train["tags"].tolist()):
+        per_item.setdefault(item, Counter()).update(ts)
+    expected = {i: [t for t, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))] for i, c in per_item.items()}
+    assert notes["tags_items_with_values"] == sum(1 for v in expected.values() if v)
+    for frame in (new_train, new_test):
+        for item, ts in zip(frame["item"].tolist(), frame["tags"].tolist()):
+            assert list(ts) == expected.get(item, []), item
+    # Rows and everything but the aggregated column are untouched.
+    pd.testing.assert_frame_equal(new_test.drop(columns="tags"), test.drop(columns="tags"))

@@ -6,7 +6,8 @@ values from 2):
 - categorical: a vocabulary of the values seen at least ``min_count`` times in the
   training split (missing values are a value of their own);
 - numeric: bucketed first (``log``: ``floor(log(v)^2)`` for ``v > 2``, else ``v``
-  itself, as in DynInt §4.1 and the Criteo winners; or ``quantile`` edges fitted on
+  itself, as in DynInt §4.1 and the Criteo winners (log buckets are shifted by 3 so
+  they never share an id with a small value); or ``quantile`` edges fitted on
   the training split), then treated as categorical;
 - multi-valued: each item through a vocabulary, written as ``max_len`` padded index
   columns plus a length column.
@@ -30,6 +31,8 @@ from dynamic_ctr.data.schema import TableSchema
 from dynamic_ctr.spec import FIRST_VALUE_INDEX, OOV_INDEX, PAD_INDEX, FeatureSpec, FieldSpec
 
 ENCODER_FORMAT = 1
+#: Log buckets start at 3, above every small value's own bucket (floor(v) <= 2).
+_LOG_BUCKET_SHIFT = 3
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class FieldEncoder:
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 big = v > 2
-                ids = np.where(big, np.floor(np.log(np.where(big, v, 3.0)) ** 2), np.floor(v))
+                # floor(log(v)^2) for v > 2, shifted past the small values (<= 2) so
+                # that, e.g., v = 3 (bucket 1) and v = 1 do not share an index.
+                ids = np.where(big, np.floor(np.log(np.where(big, v, 3.0)) ** 2) + _LOG_BUCKET_SHIFT, np.floor(v))
             ids = np.nan_to_num(ids, nan=0).astype(np.int64)
         return pa.array(ids, pa.int64(), mask=missing)
 

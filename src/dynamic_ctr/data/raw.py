@@ -160,7 +160,8 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
         raise RawInputError(f"{path}: a file without a header needs 'names'")
     if len(set(names)) != len(names):
         raise RawInputError(f"{path}: duplicate column names in header: {names}")
-    _check_separator(path, first_line, sep, cfg.sep, expected=len(names))
+    # A header read from the file "expects" however many fields it splits into.
+    _check_separator(path, first_line, sep, cfg.sep, expected=len(cfg.names) if cfg.names else None)
 
     malformed_rows: list[tuple[str, int]] = []
 
@@ -196,6 +197,9 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
     malformed: list[MalformedRow] = []
     if malformed_rows:
         malformed = _locate_malformed(data if data is not None else path.read_bytes(), malformed_rows, len(names))
+        if sep != cfg.sep:  # show the row as it is in the file
+            for row in malformed:
+                row.text = row.text.replace(sep, cfg.sep)
     if table.num_rows == 0 and not malformed:
         raise RawInputError(f"{path}: file has a header but no rows")
     if malformed and len(malformed) > table.num_rows:
@@ -230,15 +234,23 @@ def _to_utf8(data: bytes, path: Path, encoding: str) -> bytes:
         raise RawInputError(f"{path}: cannot decode as {encoding}: {exc}") from exc
 
 
-def _check_separator(path: Path, first_line: str, sep: str, shown_sep: str, expected: int) -> None:
-    """Fail early, with a hint, when the first line does not split as configured."""
-    found = len(first_line.split(sep))
-    if expected <= 1 or found > 1:
+def _check_separator(path: Path, first_line: str, sep: str, shown_sep: str, expected: int | None) -> None:
+    """Fail early, with a hint, when the first line does not split as configured.
+
+    ``expected`` is the configured column count, or ``None`` when the columns come
+    from the header itself: then a header that stays one field although it splits on
+    another common separator is the tell.
+    """
+    if len(first_line.split(sep)) > 1 or expected == 1:
         return
-    likely = [s for s in _COMMON_SEPARATORS if len(first_line.split(s)) == expected]
-    hint = f"; the line splits into {expected} fields on {likely[0]!r}" if likely else ""
+    splits = {s: len(first_line.split(s)) for s in _COMMON_SEPARATORS if s != shown_sep}
+    likely = [s for s, n in splits.items() if (n == expected if expected else n > 1)]
+    if expected is None and not likely:
+        return  # a genuine one-column file
+    shown = f"{expected}" if expected else "several"
+    hint = f"; it splits into {splits[likely[0]]} fields on {likely[0]!r}" if likely else ""
     raise RawInputError(
-        f"{path}: line 1 has 1 field where {expected} were expected with separator "
+        f"{path}: line 1 has 1 field where {shown} were expected with separator "
         f"{shown_sep!r}{hint}: wrong separator?"
     )
 
