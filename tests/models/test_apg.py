@@ -58,6 +58,30 @@ def test_v4_shares_u_v_and_generates_only_s():
     assert not torch.allclose(layer(x[:1], z[:1]), layer(x[:1], z[1:2]))
 
 
+@pytest.mark.parametrize("version,generated_bias", [("v4", False), ("v5", False), ("v4", True)])
+def test_self_wise_fused_projection_equals_the_separate_matmuls(version, generated_bias):
+    """``z is x`` takes the one-GEMM path; a copy of x takes the generic one."""
+    torch.manual_seed(0)
+    cfg = APGLinearConfig(d_in=6, d_out=5, d_cond=6, rank=2, apg=APGConfig(version=version, generated_bias=generated_bias))
+    layer = perturb(APGLinear(cfg))
+    x = torch.randn(8, 6)
+    fused = layer(x, x)
+    fused.square().sum().backward()
+    fused_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    generic = layer(x, x.clone())
+    generic.square().sum().backward()
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-6)
+    for a, p in zip(fused_grads, layer.parameters()):  # float32 sums in another order
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)
+    blocks = layer.generate(x)
+    s, v_u = blocks["S"], layer.shared_matrices()
+    v, u = v_u
+    bias = blocks["bias"] if generated_bias else layer.bias
+    expected = torch.stack([x[i] @ v @ s[i] @ u for i in range(8)]) + bias
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_v5_equals_v4_with_the_product_of_its_factors():
     layer = _layer("v5", width=7)
     assert [tuple(f.shape) for f in layer.V_factors] == [(6, 7), (7, 2)]

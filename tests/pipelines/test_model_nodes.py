@@ -106,8 +106,11 @@ def test_delta_pairs_seeds_and_verdicts() -> None:
 
 
 def test_variant_config_uses_first_seed_and_rejects_unknown_keys() -> None:
-    training = {"seeds": [7, 8], "train": {"lr": 0.005, "seed": 1}, "search_space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}}
+    training = {"seeds": [7, 8], "study": {}, "train": {"lr": 0.005, "seed": 1}, "search_space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}}
     base, space = variant_config(training, {"model": {"family": "wdl"}, "train": {"lr": 0.001}})
     assert base["train"] == {"lr": 0.001, "seed": 7} and "train.lr" in space
     with pytest.raises(ValueError, match="unknown key"):
         variant_config(training, {"model": {}, "modle": {}})
+    # a variant may run fewer seeds (an expensive one, say)
+    base, _ = variant_config(training, {"model": {}, "seeds": [9]})
+    assert base["train"]["seed"] == 9

@@ -283,31 +283,51 @@ class APGLinear(nn.Module):
             (v2, v3) or ``{"S": (B, K, K)}`` (v4, v5), plus ``"bias": (B, N)`` when
             the bias is generated.
         """
-        p = self.generator(z)  # (B, Q)
+        return self._blocks(self.generator(z))
+
+    def _blocks(self, p: Tensor) -> dict[str, Tensor]:
+        """Generator output ``p (B, Q)`` split into the named blocks."""
         b = p.shape[0]
         parts = torch.split(p, self._block_sizes, dim=1)
         return {name: part.view(b, *shape) for (name, shape), part in zip(self.cfg.blocks, parts)}
+
+    def _project_and_generate(self, x: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``x V (B, K)`` and the generated blocks of a shared (v4/v5) layer.
+
+        Self-wise with a one-layer generator (``z is x``), both are linear in x, so
+        they come from ONE GEMM on ``[V | G's weight^T]``: the K-wide ``x V`` alone is
+        too thin a matmul to be worth its own call on the CPU.
+        """
+        gen = self.generator
+        if z is x and isinstance(gen, Generator) and not gen.hidden:
+            k = v.shape[1]
+            weight = torch.cat([v, gen.out.weight.t()], dim=1)  # (M, K + Q)
+            bias = torch.cat([gen.out.bias.new_zeros(k), gen.out.bias])  # (K + Q,)
+            tp = torch.addmm(bias, x, weight)  # (B, K + Q)
+            return tp[:, :k], self._blocks(tp[:, k:])
+        return x @ v, self.generate(z)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """``x (B, M)``, ``z (B, C)`` (or ``(B, G, C)``) -> ``(B, N)``."""
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
             raise ValueError(f"x must be (B, {self.cfg.d_in}), got {tuple(x.shape)}")
-        g = self.generate(z)
         version = self.cfg.apg.version
+        if self.shared:
+            v, u = self.shared_matrices()  # (M, K), (K, N)
+            t, g = self._project_and_generate(x, z, v)  # (B, K)
+            t = torch.bmm(t.unsqueeze(1), g["S"]).squeeze(1)  # (B, K)
+            bias = g["bias"] if self.bias is None else self.bias
+            return torch.addmm(bias, t, u) if bias.ndim == 1 else t @ u + bias  # (B, N)
+        g = self.generate(z)
         if version == "v1":
             y = torch.bmm(x.unsqueeze(1), g["W"]).squeeze(1)  # (B, N)
         elif version == "v2":
             w = torch.bmm(torch.bmm(g["V"], g["S"]), g["U"])  # (B, M, N) reconstructed W_i
             y = torch.bmm(x.unsqueeze(1), w).squeeze(1)  # (B, N)
-        elif version == "v3":
+        else:  # v3
             t = torch.bmm(x.unsqueeze(1), g["V"])  # (B, 1, K)
             t = torch.bmm(t, g["S"])  # (B, 1, K)
             y = torch.bmm(t, g["U"]).squeeze(1)  # (B, N)
-        else:
-            v, u = self.shared_matrices()  # (M, K), (K, N)
-            t = x @ v  # (B, K)
-            t = torch.bmm(t.unsqueeze(1), g["S"]).squeeze(1)  # (B, K)
-            y = t @ u  # (B, N)
         bias = g["bias"] if self.bias is None else self.bias
         return y + bias
 

@@ -70,6 +70,18 @@ class FieldEmbedding(nn.Module):
         self.register_buffer(
             "offsets", torch.tensor(slot_offsets, dtype=torch.long), persistent=False
         )
+        # For the single embedding_bag of forward: each slot's field, each field's first
+        # slot, and which slots belong to sequence fields (mean-pooled).
+        slot_field = list(range(self.num_categorical))
+        for j, (_, length) in enumerate(self._sequence_slices):
+            slot_field += [self.num_categorical + j] * length
+        self.register_buffer("slot_field", torch.tensor(slot_field, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "field_start",
+            torch.tensor([slot_field.index(i) for i in range(len(ordered))], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer("is_sequence_slot", self.slot_field >= self.num_categorical, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,15 +101,19 @@ class FieldEmbedding(nn.Module):
         """``x (B, S)`` int64 local indices -> ``(B, F, D)``."""
         if x.ndim != 2 or x.shape[1] != self.num_slots:
             raise ValueError(f"x must be (B, {self.num_slots}), got {tuple(x.shape)}")
-        e = self.table(x + self.offsets)  # (B, S, D)
         if not self._sequence_slices:
-            return e
-        c = self.num_categorical
-        seq_x, seq_e = x[:, c:], e[:, c:]  # (B, S_seq), (B, S_seq, D)
-        pooled = [e[:, :c]]
-        for start, length in self._sequence_slices:
-            mask = (seq_x[:, start : start + length] != PAD_INDEX).to(e.dtype)  # (B, L)
-            summed = torch.einsum("bl,bld->bd", mask, seq_e[:, start : start + length])  # (B, D)
-            count = mask.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1)
-            pooled.append((summed / count).unsqueeze(1))  # (B, 1, D)
-        return torch.cat(pooled, dim=1)  # (B, F, D)
+            return self.table(x + self.offsets)  # (B, S=F, D)
+        # One embedding_bag for all fields: a categorical slot is a bag of one with
+        # weight 1; a sequence field's slots form one bag weighted 1/count on non-pad
+        # slots (mean pooling; an all-pad row pools to zero).
+        b = x.shape[0]
+        nonpad = (x != PAD_INDEX).to(self.table.weight.dtype)  # (B, S)
+        counts = nonpad.new_zeros(b, self.num_fields).index_add_(1, self.slot_field, nonpad)  # (B, F)
+        per_slot = counts.index_select(1, self.slot_field).clamp_min(1.0)  # (B, S)
+        weights = torch.where(self.is_sequence_slot, nonpad / per_slot, 1.0)  # (B, S)
+        starts = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_slots + self.field_start).reshape(-1)
+        pooled = nn.functional.embedding_bag(
+            (x + self.offsets).reshape(-1), self.table.weight, starts, mode="sum",
+            per_sample_weights=weights.reshape(-1),
+        )  # (B*F, D)
+        return pooled.view(b, self.num_fields, self.dim)  # (B, F, D)

@@ -31,16 +31,32 @@ def frame_to_tensors(frame: pd.DataFrame, spec: FeatureSpec, device: Any, groups
     return tensors_from_columns({c: frame[c].to_numpy() for c in columns}, spec, device, group_columns=list(groups))
 
 
-def variant_config(training: dict[str, Any], variant: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The variant's base config ``{model, train}`` and search space."""
-    unknown = set(variant) - {"model", "train", "search_space", "compare_to"}
+VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to"}
+
+
+def variant_settings(training: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """``training`` with the variant's own ``train``, ``study``, ``seeds`` and
+    ``search_space`` laid over it (e.g. fewer trials for an expensive variant)."""
+    unknown = set(variant) - VARIANT_KEYS
     if unknown:
-        raise ValueError(f"variant parameters have unknown key(s) {sorted(unknown)}")
-    seeds = list(training["seeds"])
-    train_cfg = {**training["train"], **(variant.get("train") or {}), "seed": int(seeds[0])}
-    base = {"model": copy.deepcopy(variant["model"]), "train": train_cfg}
-    space = copy.deepcopy(variant.get("search_space") or training["search_space"])
-    return base, space
+        raise ValueError(f"variant parameters have unknown key(s) {sorted(unknown)}; known: {sorted(VARIANT_KEYS)}")
+    if "model" not in variant:
+        raise ValueError("variant parameters need a 'model' config")
+    return {
+        **training,
+        "train": {**training["train"], **(variant.get("train") or {})},
+        "study": {**training["study"], **(variant.get("study") or {})},
+        "seeds": [int(s) for s in variant.get("seeds") or training["seeds"]],
+        "search_space": copy.deepcopy(variant.get("search_space") or training["search_space"]),
+    }
+
+
+def variant_config(training: dict[str, Any], variant: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The variant's base config ``{model, train}`` (seeded with its first seed) and
+    search space."""
+    settings = variant_settings(training, variant)
+    base = {"model": copy.deepcopy(variant["model"]), "train": {**settings["train"], "seed": settings["seeds"][0]}}
+    return base, settings["search_space"]
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -69,6 +85,7 @@ def train_variant(
         of every seed.
     """
     spec = FeatureSpec.from_dict(feature_spec)
+    training = variant_settings(training, variant)
     device = resolve_device(training.get("device", "auto"))
     train_data = frame_to_tensors(train_frame, spec, device)
     valid_data = frame_to_tensors(valid_frame, spec, device)
@@ -79,7 +96,7 @@ def train_variant(
     logger.info("variant %s: tuning on %s (%d train rows), study %s", variant_name, device, len(train_data), study_cfg.study_name)
     result = tune(base, space, spec, train_data, valid_data, study_cfg)
 
-    seeds = [int(s) for s in training["seeds"]]
+    seeds = training["seeds"]
     models: dict[str, nn.Module] = {f"seed_{seeds[0]}": result.best_model}
     histories = [pd.DataFrame(result.best_history).assign(seed=seeds[0])]
     for seed in seeds[1:]:
