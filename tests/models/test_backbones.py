@@ -76,8 +76,7 @@ def test_deepfm_adds_fm_term_to_wdl_structure(spec, batch):
     wdl = build_model(small_config(family="wdl"), spec)
     deepfm = build_model(small_config(family="deepfm"), spec)
     perturb(wdl)
-    state = {k.replace("wide.", "first_order."): v for k, v in wdl.state_dict().items()}
-    deepfm.load_state_dict(state)
+    deepfm.load_state_dict(wdl.state_dict())  # same embedding (with first-order column) and tower
     emb = wdl.embedding(batch)
     torch.testing.assert_close(deepfm(batch), wdl(batch) + FactorizationMachine()(emb))
 

@@ -7,8 +7,8 @@ backbone needs no backbone code. E = F * D is the flattened embedding width::
 
     x (B, S) -> FieldEmbedding -> emb (B, F, D) -> flat (B, E)
       DNN:    dense(flat) -> Linear(H, 1)
-      WDL:    FirstOrder(x) + dense(flat) -> Linear(H, 1)
-      DeepFM: FirstOrder(x) + FM(emb) + dense(flat) -> Linear(H, 1)
+      WDL:    first-order(x) + dense(flat) -> Linear(H, 1)   (one table: emb | weight)
+      DeepFM: first-order(x) + FM(emb) + dense(flat) -> Linear(H, 1)
       DCN:    [CrossNetV1(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
       DCNv2:  [CrossNetV2(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
 """
@@ -25,31 +25,43 @@ from dynamic_ctr.models.embedding import FieldEmbedding
 from dynamic_ctr.models.layers import CrossNetV1, CrossNetV2, FactorizationMachine
 from dynamic_ctr.spec import FeatureSpec
 
-__all__ = ["BACKBONES", "DCN", "DNN", "WDL", "DCNv2", "DeepFM", "FirstOrder"]
+__all__ = ["BACKBONES", "DCN", "DNN", "WDL", "DCNv2", "DeepFM", "EmbeddingWithFirstOrder"]
 
 
-class FirstOrder(nn.Module):
-    """Linear (wide) term: one learned weight per field value plus a bias.
+class EmbeddingWithFirstOrder(FieldEmbedding):
+    """Field embeddings plus a first-order (wide) weight per field value, in ONE table.
 
-    ``x (B, S) -> (B,)``; sequence fields contribute the mean weight of their values.
+    The table has ``D + 1`` columns; the last holds each value's first-order weight, so
+    the deep and the wide parts share one lookup (and one backward) per batch.
+    ``forward(x)`` gives the ``(B, F, D)`` embeddings like any :class:`FieldEmbedding`;
+    :meth:`with_first_order` also gives the ``(B,)`` linear term. Sequence fields
+    contribute the mean weight of their values, as their embeddings are mean-pooled.
 
     Args:
         spec: the feature spec.
+        dim: D, the embedding width of the deep part.
     """
 
     # NOTE[DIFF]: WDL's wide part is this linear term over the raw fields (as in
     # DeepCTR/FuxiCTR), not hand-crafted cross-product features.
 
-    def __init__(self, spec: FeatureSpec) -> None:
-        super().__init__()
-        self.weights = FieldEmbedding(spec, 1)
+    def __init__(self, spec: FeatureSpec, dim: int) -> None:
+        super().__init__(spec, dim + 1)
         self.bias = nn.Parameter(torch.zeros(()))
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.bias)
+        super().reset_parameters()
+        if hasattr(self, "bias"):  # FieldEmbedding.__init__ calls this before the bias exists
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weights(x).sum(dim=(1, 2)) + self.bias  # (B,)
+        """``x (B, S) -> (B, F, D)``."""
+        return super().forward(x)[..., :-1]
+
+    def with_first_order(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (B, S) -> (emb (B, F, D), linear (B,))`` from one lookup."""
+        both = super().forward(x)  # (B, F, D + 1)
+        return both[..., :-1], both[..., -1].sum(dim=1) + self.bias
 
 
 class DNN(nn.Module):
@@ -85,16 +97,15 @@ class WDL(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
         super().__init__()
-        self.embedding = FieldEmbedding(spec, cfg.embedding_dim)
-        self.wide = FirstOrder(spec)
+        self.embedding = EmbeddingWithFirstOrder(spec, cfg.embedding_dim)
         self.dense = dense
         self.head = nn.Linear(dense.out_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
-        emb = self.embedding(x)  # (B, F, D)
+        emb, wide = self.embedding.with_first_order(x)  # (B, F, D), (B,)
         deep = self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
-        return self.wide(x) + deep
+        return wide + deep
 
 
 class DeepFM(nn.Module):
@@ -110,17 +121,16 @@ class DeepFM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
         super().__init__()
-        self.embedding = FieldEmbedding(spec, cfg.embedding_dim)
-        self.first_order = FirstOrder(spec)
+        self.embedding = EmbeddingWithFirstOrder(spec, cfg.embedding_dim)
         self.fm = FactorizationMachine()
         self.dense = dense
         self.head = nn.Linear(dense.out_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
-        emb = self.embedding(x)  # (B, F, D)
+        emb, first_order = self.embedding.with_first_order(x)  # (B, F, D), (B,)
         deep = self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
-        return self.first_order(x) + self.fm(emb) + deep
+        return first_order + self.fm(emb) + deep
 
 
 class DCN(nn.Module):

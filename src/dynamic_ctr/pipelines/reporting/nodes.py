@@ -77,7 +77,8 @@ def evaluate_variant(
     for key in ("auc", "logloss", "gauc_user", "gauc_domain"):
         values = [s[key] for s in seeds.values() if key in s and s[key] is not None and not math.isnan(s[key])]
         if values:
-            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
+            summary[key] = {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
     first = next(iter(models.values()))
     rows = min(params["pca_rows"], len(test))
@@ -169,15 +170,15 @@ def _pca_plot(projections: dict[str, pd.DataFrame]) -> plt.Figure:
         ax.set_yticks([])
     if shown:
         fig.colorbar(points, ax=axes.ravel().tolist(), label="activity group")
-    fig.suptitle("Generated S_i of the first APG layer, PCA (cf. APG Figures 6 and 9)")
+    fig.suptitle("Generated S_i of the first APG layer, PCA (cf. APG Figures 6 and 9)", y=1.0)
     return fig
 
 
 def build_report(
     params: dict[str, Any], feature_spec: dict[str, Any], domain_stats: pd.DataFrame, deployment: dict[str, Any], **artifacts: Any
-) -> tuple[dict[str, Any], str, pd.DataFrame, pd.DataFrame, pd.DataFrame, plt.Figure, plt.Figure]:
-    """The JSON summary, the HTML report, the comparison, efficiency and per-domain
-    tables and the two figures, from every variant's ``<variant>__metrics``,
+) -> tuple[dict[str, Any], str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, plt.Figure, plt.Figure]:
+    """The JSON summary, the HTML report, the comparison, efficiency, per-domain and
+    activity-group-gain tables and the two figures, from every variant's ``<variant>__metrics``,
     ``__folding``, ``__summary``, ``__history`` and ``__projection``."""
     names = [k[: -len("__metrics")] for k in artifacts if k.endswith("__metrics")]
     get = {kind: {n: artifacts[f"{n}__{kind}"] for n in names} for kind in ("metrics", "folding", "summary", "history", "projection")}
@@ -255,7 +256,8 @@ def build_report(
         for g in sorted(per_group):
             gain_rows.append({"variant": n, "base": base, "group": g, "auc_gain_pct": 100 * float(np.mean(per_group[g]))})
     gains = pd.DataFrame(gain_rows, columns=["variant", "base", "group", "auc_gain_pct"])
-    frequency_fig = _frequency_plot(gains)
+    plotted = params.get("frequency_plot_variants")
+    frequency_fig = _frequency_plot(gains[gains["variant"].isin(plotted)] if plotted else gains)
     pca_fig = _pca_plot(get["projection"])
 
     summary = {
@@ -266,7 +268,7 @@ def build_report(
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
     }
     report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, frequency_fig, pca_fig, by_name)
-    return summary, report_html, comparison, efficiency, per_domain, frequency_fig, pca_fig
+    return summary, report_html, comparison, efficiency, per_domain, gains, frequency_fig, pca_fig
 
 
 def _table(frame: pd.DataFrame) -> str:

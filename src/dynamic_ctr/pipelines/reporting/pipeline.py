@@ -32,7 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     report = node(
         build_report,
         inputs=inputs,
-        outputs=["report_summary", "report_html", "paper_comparison", "efficiency_table", "per_domain_auc", "frequency_gain_plot", "cores_pca_plot"],
+        outputs=["report_summary", "report_html", "paper_comparison", "efficiency_table", "per_domain_auc", "frequency_gain_table", "frequency_gain_plot", "cores_pca_plot"],
         name="build_report",
     )
     return sum((variant_pipeline(n) for n in names), Pipeline([])) + Pipeline([report])
