@@ -80,6 +80,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _machine import OtherCPU, wait_quiet  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -94,50 +95,6 @@ VERSIONS = ("base", "v1", "v2", "v3", "v4", "v5", "v5-fold", "v5J3", "v5J3-fold"
 
 # ----------------------------------------------------------------------------- contention
 # The same helpers as in train_throughput.py (kept here so this script needs torch only).
-
-
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            parts = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    return parts[0] + parts[1] + parts[2] + parts[5] + parts[6] + parts[7]  # user nice system irq softirq steal
-
-
-def _self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherCPU:
-    """Share of the machine's CPU capacity used by other processes since construction."""
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.cpus = os.cpu_count() or 1
-        self.t0, self.busy0, self.self0 = time.perf_counter(), _busy_jiffies(), _self_cpu_seconds()
-
-    def share(self) -> float:
-        busy = _busy_jiffies()
-        if busy is None or self.busy0 is None:
-            return math.nan
-        wall = time.perf_counter() - self.t0
-        other = (busy - self.busy0) / self.hz - (_self_cpu_seconds() - self.self0)
-        return max(0.0, other) / max(wall * self.cpus, 1e-9)
-
-
-def wait_quiet(threshold: float, timeout: float) -> float:
-    """Wait (at most ``timeout`` s) until other processes use < ``threshold`` of the CPU over 1 s."""
-    if threshold <= 0 or timeout <= 0:
-        return math.nan
-    deadline = time.perf_counter() + timeout
-    while True:
-        probe = OtherCPU()
-        time.sleep(1.0)
-        share = probe.share()
-        if math.isnan(share) or share < threshold or time.perf_counter() > deadline:
-            return share
 
 
 class Tower(nn.Module):

@@ -45,7 +45,6 @@ def make_input(rows: int, folder: Path) -> Path:
 
 
 def floor(path: Path, out_dir: Path) -> dict:
-    import pyarrow as pa
     import pyarrow.csv as pacsv
 
     start = time.perf_counter()

@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
+from _machine import OtherCPU, wait_quiet  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -100,54 +101,6 @@ CONTENDERS = ("ours_wdl", "ours_apg", "deepctr_wdl", "ceiling", "ours_wdl_bf16",
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def _busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            parts = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal ...
-    return parts[0] + parts[1] + parts[2] + parts[5] + parts[6] + parts[7]
-
-
-def _self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherCPU:
-    """Share of the machine's CPU capacity used by other processes since ``start``."""
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.cpus = os.cpu_count() or 1
-        self.start()
-
-    def start(self) -> None:
-        self.t0, self.busy0, self.self0 = time.perf_counter(), _busy_jiffies(), _self_cpu_seconds()
-
-    def share(self) -> float:
-        busy = _busy_jiffies()
-        if busy is None or self.busy0 is None:
-            return math.nan
-        wall = time.perf_counter() - self.t0
-        other = (busy - self.busy0) / self.hz - (_self_cpu_seconds() - self.self0)
-        return max(0.0, other) / max(wall * self.cpus, 1e-9)
-
-
-def wait_quiet(threshold: float, timeout: float) -> float:
-    """Wait until other processes use < ``threshold`` of the machine over 1 s."""
-    if threshold <= 0:
-        return math.nan
-    deadline = time.perf_counter() + timeout
-    while True:
-        probe = OtherCPU()
-        time.sleep(1.0)
-        share = probe.share()
-        if math.isnan(share) or share < threshold or time.perf_counter() > deadline:
-            return share
 
 
 def cpu_model() -> str:

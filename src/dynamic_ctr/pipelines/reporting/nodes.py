@@ -18,7 +18,6 @@ matplotlib.use("Agg")  # reports are written headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from torch import nn  # noqa: E402
 

@@ -1,0 +1,59 @@
+"""Machine helpers shared by the benchmarks: how busy the other processes keep the CPU.
+
+With 2 cores and 2 torch threads, one other busy process slows torch down 10x or more,
+so the timed benchmarks wait for a quiet machine and report what others used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+
+def _busy_jiffies() -> int | None:
+    try:
+        with open("/proc/stat") as f:
+            parts = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return parts[0] + parts[1] + parts[2] + parts[5] + parts[6] + parts[7]  # user nice system irq softirq steal
+
+
+def _self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherCPU:
+    """Share of the machine's CPU capacity used by other processes since ``start``."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.cpus = os.cpu_count() or 1
+        self.start()
+
+    def start(self) -> None:
+        """Measure from now on."""
+        self.t0, self.busy0, self.self0 = time.perf_counter(), _busy_jiffies(), _self_cpu_seconds()
+
+    def share(self) -> float:
+        busy = _busy_jiffies()
+        if busy is None or self.busy0 is None:
+            return math.nan
+        wall = time.perf_counter() - self.t0
+        other = (busy - self.busy0) / self.hz - (_self_cpu_seconds() - self.self0)
+        return max(0.0, other) / max(wall * self.cpus, 1e-9)
+
+
+def wait_quiet(threshold: float, timeout: float) -> float:
+    """Wait (at most ``timeout`` s) until other processes use < ``threshold`` of the CPU over 1 s."""
+    if threshold <= 0 or timeout <= 0:
+        return math.nan
+    deadline = time.perf_counter() + timeout
+    while True:
+        probe = OtherCPU()
+        time.sleep(1.0)
+        share = probe.share()
+        if math.isnan(share) or share < threshold or time.perf_counter() > deadline:
+            return share
