@@ -147,10 +147,11 @@ def type_columns(raw: RawTable, columns: list[Column], quarantine: Quarantine) -
     bad_rows = reasons != ""
     quarantine.add_table_rows(raw.path, raw.table, raw.lines, bad_rows, reasons)
 
-    keep = pa.array(~bad_rows)
     out = pa.table({name: arr for name, arr in typed.items()})
     out = out.append_column("source_line", pa.array(raw.lines, pa.int64()))
-    return out.filter(keep).to_pandas(types_mapper=pd.ArrowDtype)
+    if bad_rows.any():  # filtering copies every column: only when a row must go
+        out = out.filter(pa.array(~bad_rows))
+    return out.to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def _note(reasons: np.ndarray, mask: np.ndarray, text: str | None, values: pa.ChunkedArray | None = None, col: Column | None = None) -> None:
@@ -175,7 +176,7 @@ def _type_one(values: pa.ChunkedArray, col: Column) -> tuple[pa.Array, np.ndarra
     n = len(values)
     no_bad = np.zeros(n, dtype=bool)
     if col.type == "str":
-        return values.combine_chunks().cast(pa.string()), no_bad
+        return values.cast(pa.string()), no_bad  # no copy: the raw chunks are reused
     if col.type == "list":
         combined = values.combine_chunks()
         if pa.types.is_list(combined.type) or pa.types.is_large_list(combined.type):
@@ -197,12 +198,19 @@ def _type_one(values: pa.ChunkedArray, col: Column) -> tuple[pa.Array, np.ndarra
     return typed, bad
 
 
-def _cast_numeric(values: pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array, np.ndarray]:
-    text = pc.utf8_trim_whitespace(values.combine_chunks().cast(pa.string()))
+def _cast_numeric(values: pa.ChunkedArray, target: pa.DataType) -> tuple[pa.ChunkedArray | pa.Array, np.ndarray]:
+    # Fast paths cast chunk by chunk, with no combined copy of the column: as read, then
+    # with surrounding spaces trimmed.
+    no_bad = np.zeros(len(values), dtype=bool)
     try:
-        return text.cast(target), np.zeros(len(text), dtype=bool)
+        return values.cast(target), no_bad
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
+    text = pc.utf8_trim_whitespace(values.cast(pa.string()))
+    try:
+        return text.cast(target), no_bad
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        text = text.combine_chunks()
     # Slow path: find the rows that do not parse (pandas' coerce), keep the rest.
     series = pd.Series(text.to_numpy(zero_copy_only=False), dtype=object)
     parsed = pd.to_numeric(series, errors="coerce")
