@@ -27,11 +27,12 @@ def fit_frequency_groups(train: pd.DataFrame, encoder: dict[str, Any], params: d
     Returns ``key`` (raw value), ``key_index`` (its encoded index), ``interactions``
     and ``group``; empty when no ``frequency_key`` is set.
     """
-    key = DomainParams.from_dict(params).frequency_key
+    settings = DomainParams.from_dict(params)
+    key = settings.frequency_key
     if key is None:
         return pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
                              "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
-    table = frequency_groups(train, key, DomainParams.from_dict(params).frequency_groups)
+    table = frequency_groups(train, key, settings.frequency_groups)
     field = FeatureEncoder.from_dict(encoder).field(key)
     table.insert(1, "key_index", field.indices(pa.array(table["key"].tolist())))
     table["key"] = table["key"].astype(str)

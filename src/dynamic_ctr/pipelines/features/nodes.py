@@ -24,6 +24,9 @@ def split_interactions(
     if not ingestion_check.get("passed"):
         raise ValueError(f"the clean table did not pass the ingestion check: {ingestion_check}")
     schema = TableSchema.from_dict(table_schema)
+    unknown = set(params) - {"method", "ratios", "seed"}
+    if unknown:
+        raise ValueError(f"unknown features.split parameter(s) {sorted(unknown)}; known: method, ratios, seed")
     split = SplitParams(**{**params, "ratios": tuple(params.get("ratios", SplitParams.ratios))})
     train, valid, test = split_frame(interactions, split, schema.time_key)
     train, (valid, test), notes = aggregate_item_lists(train, [valid, test], schema)
