@@ -6,6 +6,7 @@ so the timed benchmarks wait for a quiet machine and report what others used.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import time
@@ -57,3 +58,15 @@ def wait_quiet(threshold: float, timeout: float) -> float:
         share = probe.share()
         if math.isnan(share) or share < threshold or time.perf_counter() > deadline:
             return share
+
+
+def add_quiet_arguments(parser: argparse.ArgumentParser, unit: str, timeout: float, budget: float) -> None:
+    """The options of waiting for a quiet machine; ``unit`` names what is timed (round, run)."""
+    parser.add_argument("--quiet", type=float, default=0.1,
+                        help=f"before a {unit}, wait until other processes use less than this share of the CPU (0 = off)")
+    parser.add_argument("--quiet-timeout", type=float, default=timeout, help=f"longest wait before one {unit} (s)")
+    parser.add_argument("--max-other", type=float, default=0.1,
+                        help=f"repeat a {unit} during which other processes used more than this share of the CPU")
+    parser.add_argument("--retries", type=int, default=2, help=f"repeats of a disturbed {unit}")
+    parser.add_argument("--wait-budget", type=float, default=budget,
+                        help="seconds of waiting/repeating; after it, measurements are kept as they come")

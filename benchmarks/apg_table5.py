@@ -80,7 +80,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _machine import OtherCPU, wait_quiet  # noqa: E402
+from _machine import OtherCPU, add_quiet_arguments, wait_quiet  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -360,14 +360,7 @@ def main() -> None:
     parser.add_argument("--min-block-ms", type=float, default=20.0, help="minimum length of a timed block")
     parser.add_argument("--max-hidden-mb", type=float, default=300.0, help="skip cases above this analytic hidden memory")
     parser.add_argument("--no-memory", action="store_true", help="skip the measured peak memory")
-    parser.add_argument("--quiet", type=float, default=0.1,
-                        help="before a round, wait until other processes use less than this share of the CPU (0 = off)")
-    parser.add_argument("--quiet-timeout", type=float, default=10.0, help="longest wait before one round (s)")
-    parser.add_argument("--max-other", type=float, default=0.1,
-                        help="repeat a round during which other processes used more than this share of the CPU")
-    parser.add_argument("--retries", type=int, default=2, help="repeats of a disturbed round")
-    parser.add_argument("--wait-budget", type=float, default=30.0,
-                        help="seconds of waiting/repeating per tower; after it, rounds are kept as they come")
+    add_quiet_arguments(parser, "round", timeout=10.0, budget=30.0)
     parser.add_argument("--profile", default="",
                         help="comma-separated versions to profile (training step, first tower of --widths) instead of the table")
     args = parser.parse_args()

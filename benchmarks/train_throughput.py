@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
-from _machine import OtherCPU, wait_quiet  # noqa: E402
+from _machine import OtherCPU, add_quiet_arguments, wait_quiet  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -362,14 +362,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--skip-deepctr", action="store_true")
-    parser.add_argument("--quiet", type=float, default=0.1,
-                        help="before a run, wait until other processes use less than this share of the CPU (0 = off)")
-    parser.add_argument("--quiet-timeout", type=float, default=15.0, help="longest wait before one run (s)")
-    parser.add_argument("--max-other", type=float, default=0.1,
-                        help="repeat a run during which other processes used more than this share of the CPU")
-    parser.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run")
-    parser.add_argument("--wait-budget", type=float, default=120.0,
-                        help="total seconds of waiting/repeating; after it, runs are kept as they come")
+    add_quiet_arguments(parser, "run", timeout=15.0, budget=120.0)
     parser.add_argument("--profile", default="",
                         help="comma-separated contenders (ours_wdl, ours_apg, ceiling) to profile instead of the rounds")
     args = parser.parse_args()

@@ -16,7 +16,7 @@ from dynamic_ctr.data.split import SplitParams, split_frame
 from dynamic_ctr.models import build_model
 from dynamic_ctr.pipelines.folding import nodes as folding
 from dynamic_ctr.pipelines.reporting.nodes import _delta, _verdict, evaluate_variant
-from dynamic_ctr.pipelines.training.nodes import variant_config
+from dynamic_ctr.pipelines.training.nodes import base_config, variant_settings
 
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -104,12 +104,17 @@ def test_delta_pairs_seeds_and_verdicts() -> None:
     assert _verdict(0.01, math.nan, paper=0.39) == "one seed: no verdict"
 
 
-def test_variant_config_uses_first_seed_and_rejects_unknown_keys() -> None:
-    training = {"seeds": [7, 8], "study": {}, "train": {"lr": 0.005, "seed": 1}, "search_space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}}
-    base, space = variant_config(training, {"model": {"family": "wdl"}, "train": {"lr": 0.001}})
-    assert base["train"] == {"lr": 0.001, "seed": 7} and "train.lr" in space
+def test_variant_settings_overrides_and_base_config_uses_the_first_seed() -> None:
+    training = {"seeds": [7, 8], "study": {"n_trials": 2}, "train": {"lr": 0.005, "seed": 1},
+                "search_space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}}
+    variant = {"model": {"family": "wdl"}, "train": {"lr": 0.001}, "study": {"n_trials": 1}}
+    settings = variant_settings(training, variant)
+    assert settings["study"] == {"n_trials": 1} and "train.lr" in settings["search_space"]
+    assert base_config(settings, variant) == {"model": {"family": "wdl"}, "train": {"lr": 0.001, "seed": 7}}
     with pytest.raises(ValueError, match="unknown key"):
-        variant_config(training, {"model": {}, "modle": {}})
+        variant_settings(training, {"model": {}, "modle": {}})
+    with pytest.raises(ValueError, match="'model'"):
+        variant_settings(training, {"seeds": [1]})
     # a variant may run fewer seeds (an expensive one, say)
-    base, _ = variant_config(training, {"model": {}, "seeds": [9]})
-    assert base["train"]["seed"] == 9
+    settings = variant_settings(training, {"model": {}, "seeds": [9]})
+    assert settings["seeds"] == [9] and base_config(settings, {"model": {}})["train"]["seed"] == 9

@@ -101,17 +101,20 @@ class WDL(nn.Module):
         self.dense = dense
         self.head = nn.Linear(dense.out_dim, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, S) -> (B,)`` logits."""
+    def wide_and_deep(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (B, S) -> (emb (B, F, D), wide + deep logits (B,))``."""
         emb, wide = self.embedding.with_first_order(x)  # (B, F, D), (B,)
         deep = self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
-        return wide + deep
+        return emb, wide + deep
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, S) -> (B,)`` logits."""
+        return self.wide_and_deep(x)[1]
 
 
-class DeepFM(nn.Module):
-    """DeepFM (Guo et al., 2017, https://arxiv.org/abs/1703.04247).
-
-    The FM and the DNN share the field embeddings.
+class DeepFM(WDL):
+    """DeepFM (Guo et al., 2017, https://arxiv.org/abs/1703.04247): WDL's first-order and
+    deep parts plus an FM over the same field embeddings.
 
     Args:
         cfg: model config (``embedding_dim``).
@@ -120,17 +123,13 @@ class DeepFM(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
-        super().__init__()
-        self.embedding = EmbeddingWithFirstOrder(spec, cfg.embedding_dim)
+        super().__init__(cfg, spec, dense)
         self.fm = FactorizationMachine()
-        self.dense = dense
-        self.head = nn.Linear(dense.out_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
-        emb, first_order = self.embedding.with_first_order(x)  # (B, F, D), (B,)
-        deep = self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
-        return first_order + self.fm(emb) + deep
+        emb, logits = self.wide_and_deep(x)  # (B, F, D), (B,)
+        return logits + self.fm(emb)
 
 
 class DCN(nn.Module):

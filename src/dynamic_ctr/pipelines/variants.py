@@ -7,9 +7,12 @@ variant's settings (parameters merge softly) but not add or remove variants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+from kedro.pipeline import Pipeline, node
 
 VARIANTS_FILE = Path("conf") / "base" / "parameters_variants.yml"
 
@@ -28,5 +31,21 @@ def variant_names(project_path: Path | None = None) -> list[str]:
     raise FileNotFoundError(f"{VARIANTS_FILE} not found under {[str(c) for c in candidates]}")
 
 
-def namespaced(name: str, dataset: str) -> str:
-    return f"{name}.{dataset}"
+def variant_pipeline(
+    name: str, func: Callable[..., Any], inputs: list[str], outputs: list[str], *, node_name: str,
+    shared: set[str], parameters: dict[str, str],
+) -> Pipeline:
+    """One node as the namespaced copy of variant ``name``: its inputs and outputs become
+    ``<name>.<dataset>`` except the ``shared`` datasets and the mapped ``parameters``."""
+    return Pipeline(
+        [node(func, inputs=inputs, outputs=outputs, name=node_name)],
+        namespace=name,
+        inputs=shared,
+        parameters=parameters,
+    )
+
+
+def per_variant_inputs(names: list[str], datasets: dict[str, str]) -> dict[str, str]:
+    """``{"<variant>__<key>": "<variant>.<dataset>"}`` for every variant and every
+    ``key: dataset`` pair: the keyword inputs of a node that reads all variants."""
+    return {f"{n}__{key}": f"{n}.{dataset}" for n in names for key, dataset in datasets.items()}

@@ -31,8 +31,8 @@ from dynamic_ctr.training.loop import (
 )
 from dynamic_ctr.training.metrics import auc, evaluate, gauc, log_loss
 
-if TYPE_CHECKING:
-    from dynamic_ctr.training.tuning import (
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ loads these lazily
+    from dynamic_ctr.training.tuning import (  # noqa: F401
         StudyConfig,
         TuneResult,
         apply_overrides,

@@ -51,12 +51,10 @@ def variant_settings(training: dict[str, Any], variant: dict[str, Any]) -> dict[
     }
 
 
-def variant_config(training: dict[str, Any], variant: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The variant's base config ``{model, train}`` (seeded with its first seed) and
-    search space."""
-    settings = variant_settings(training, variant)
-    base = {"model": copy.deepcopy(variant["model"]), "train": {**settings["train"], "seed": settings["seeds"][0]}}
-    return base, settings["search_space"]
+def base_config(settings: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """The variant's base config ``{model, train}``, seeded with its first seed;
+    ``settings`` is :func:`variant_settings`' result."""
+    return {"model": copy.deepcopy(variant["model"]), "train": {**settings["train"], "seed": settings["seeds"][0]}}
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -89,7 +87,7 @@ def train_variant(
     device = resolve_device(training.get("device", "auto"))
     train_data = frame_to_tensors(train_frame, spec, device)
     valid_data = frame_to_tensors(valid_frame, spec, device)
-    base, space = variant_config(training, variant)
+    base, space = base_config(training, variant), training["search_space"]
     study_params = dict(training["study"])
     fingerprint = _fingerprint(feature_spec, len(train_frame), len(valid_frame), base, space, study_params.get("seed"))
     study_cfg = StudyConfig(study_name=f"{variant_name}-{fingerprint}", **study_params)
