@@ -1,17 +1,38 @@
-"""Project pipelines: every folder under ``pipelines/`` is found automatically."""
+"""Project pipelines: the data pipelines, one pipeline per experiment suite, scoring.
+
+- ``ingestion``, ``features``, ``domains`` and ``data`` (the three in a row);
+- ``<suite>`` for every suite in ``pipelines.suite.SUITES`` (``kedro run --pipeline
+  apg``): the data pipelines, then the suite's planning, training, folding and
+  reporting;
+- ``scoring``: on demand only (it needs a deployed model and new raw files);
+- ``__default__``: the data pipelines and the suites that fit the shipped data.
+"""
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
-#: Run on demand only (they need input that a training run does not make).
-ON_DEMAND = ("scoring",)
+from dynamic_ctr.pipelines import domains, features, folding, ingestion, planning, reporting, scoring, training
+from dynamic_ctr.pipelines.suite import DEFAULT_SUITES, SUITES, all_variant_names
+
+
+def suite_pipeline(suite: str) -> Pipeline:
+    """Planning, training, folding and reporting of one suite (no data pipelines)."""
+    return sum(
+        (module.create_pipeline(suite=suite) for module in (planning, training, folding, reporting)), Pipeline([])
+    )
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register the project's pipelines; ``__default__`` runs all but the on-demand
-    ones (ingestion -> features -> domains -> training -> folding -> reporting)."""
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum(p for name, p in pipelines.items() if name not in ON_DEMAND)
-    return pipelines
+    all_variant_names()  # variant names must be unique across suites
+    data = ingestion.create_pipeline() + features.create_pipeline() + domains.create_pipeline()
+    suites = {suite: suite_pipeline(suite) for suite in SUITES}
+    return {
+        "ingestion": ingestion.create_pipeline(),
+        "features": features.create_pipeline(),
+        "domains": domains.create_pipeline(),
+        "data": data,
+        **{suite: data + pipeline for suite, pipeline in suites.items()},
+        "scoring": scoring.create_pipeline(),
+        "__default__": data + sum((suites[s] for s in DEFAULT_SUITES), Pipeline([])),
+    }

@@ -21,6 +21,10 @@ FIRST_VALUE_INDEX = 2
 
 FieldKind = Literal["categorical", "sequence"]
 
+#: Field roles a model config may name instead of a column (``"@user"``), after the
+#: papers: APG's condition z = U, I, C; AdaSparse's domain.
+ROLES = ("user", "item", "context", "domain")
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -74,6 +78,8 @@ class FeatureSpec:
         user_field: field used as the user key (GAUC by user, frequency groups).
         item_field: field used as the item key.
         domain_field: field holding the domain id (set by the ``domains`` pipeline).
+        context_field: the context field of APG's mix-wise condition (U, I, C), set
+            per data set by ``features.roles``.
     """
 
     fields: tuple[FieldSpec, ...]
@@ -81,13 +87,14 @@ class FeatureSpec:
     user_field: str | None = None
     item_field: str | None = None
     domain_field: str | None = None
+    context_field: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate field names in feature spec: {names}")
-        for role in ("user_field", "item_field", "domain_field"):
+        for role in ("user_field", "item_field", "domain_field", "context_field"):
             value = getattr(self, role)
             if value is not None and value not in names:
                 raise ValueError(f"{role}={value!r} is not one of the fields {names}")
@@ -97,6 +104,12 @@ class FeatureSpec:
             if f.name == name:
                 return f
         raise KeyError(f"no field {name!r} in feature spec; fields are {[f.name for f in self.fields]}")
+
+    def field_for_role(self, role: str) -> str | None:
+        """The field this data set maps ``role`` (one of ``ROLES``) to, or None."""
+        if role not in ROLES:
+            raise ValueError(f"unknown field role {role!r}; roles: {list(ROLES)}")
+        return getattr(self, f"{role}_field")
 
     @property
     def categorical(self) -> tuple[FieldSpec, ...]:
@@ -140,5 +153,6 @@ class FeatureSpec:
             user_field=d.get("user_field"),
             item_field=d.get("item_field"),
             domain_field=d.get("domain_field"),
+            context_field=d.get("context_field"),
             metadata=dict(d.get("metadata") or {}),
         )

@@ -22,11 +22,8 @@ import pytest
 from dynamic_ctr.data.adapters import ADAPTERS, CRITEO_CATEGORICAL, CRITEO_NUMERIC, IJCAI_CATEGORICAL, IJCAI_NUMERIC
 from dynamic_ctr.data.raw import RawFileConfig, read_raw
 from dynamic_ctr.pipelines.ingestion.nodes import ingest
-
-ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-]
+# tests/formats.py: pytest puts tests/ on sys.path (tests/conftest.py, no __init__.py).
+from formats import IJCAI_GENRE_IDS, IJCAI_HEADER, LAYOUT, write_grouplens_100k, write_ijcai18, write_ml1m
 
 
 def _utc(ts: int) -> datetime:
@@ -170,38 +167,11 @@ def test_movielens_100k_typed_layout(ml100k_result, data_root):
     assert table.loc[table["item"] == 267, "year"].isna().all()
 
 
-def _write_grouplens(typed: Path, out: Path) -> dict[int, str]:
-    """GroupLens' ``u.data``/``u.user``/``u.item`` from the typed-header files.
-
-    Returns the titles written, by item."""
-    out.mkdir(parents=True)
-    inter = (typed / "ml-100k.inter").read_text(encoding="utf-8").splitlines()[1:]
-    (out / "u.data").write_text("".join(line + "\n" for line in inter), encoding="ascii")
-    users = (typed / "ml-100k.user").read_text(encoding="utf-8").splitlines()[1:]
-    (out / "u.user").write_text("".join(line.replace("\t", "|") + "\n" for line in users), encoding="ascii")
-    titles: dict[int, str] = {}
-    lines = []
-    for line in (typed / "ml-100k.item").read_text(encoding="utf-8").splitlines()[1:]:
-        item, title, year, classes = line.split("\t")
-        genres = classes.split(" ")
-        assert set(genres) <= set(ML100K_GENRES), genres
-        flags = ["1" if g in genres else "0" for g in ML100K_GENRES]
-        if year.isdigit():
-            title, release = f"{title} ({year})", f"01-Jan-{year}"
-        else:
-            release = ""
-        titles[int(item)] = title
-        url = f"http://us.imdb.com/M/title-exact?{title.replace(' ', '%20')}"
-        lines.append("|".join([item, title, release, "", url, *flags]) + "\n")
-    data = "".join(lines).encode("latin-1")
-    assert b"Mis\xe9rables" in data  # an accented title, in Latin-1 bytes
-    (out / "u.item").write_bytes(data)
-    return titles
-
-
 @pytest.mark.data_root
 def test_movielens_100k_grouplens_layout_equals_typed_layout(conf, ml100k_result, data_root, tmp_path):
-    titles = _write_grouplens(data_root / "movielens-100k", tmp_path / "ml-100k")
+    titles = write_grouplens_100k(data_root / "movielens-100k", tmp_path / LAYOUT["ml100k_grouplens"])
+    # An accented title, in Latin-1 bytes.
+    assert b"Mis\xe9rables" in (tmp_path / "ml-100k" / "u.item").read_bytes()
     files = conf.raw_files("ml100k_grouplens", tmp_path)
     assert files["movies"]["encoding"] == "latin-1" and len(files["movies"]["names"]) == 24
     raw = conf.read(files)
@@ -239,25 +209,13 @@ def test_movielens_100k_grouplens_layout_equals_typed_layout(conf, ml100k_result
 @pytest.mark.data_root
 def test_movielens_1m_dat_files_in_latin1(conf, data_root, tmp_path):
     typed = data_root / "movielens-100k"
-    out = tmp_path / "ml-1m"
-    out.mkdir()
-    inter = [line.split("\t") for line in (typed / "ml-100k.inter").read_text(encoding="utf-8").splitlines()[1:20_001]]
-    (out / "ratings.dat").write_bytes("".join("::".join(r) + "\n" for r in inter).encode("latin-1"))
-    users = [line.split("\t") for line in (typed / "ml-100k.user").read_text(encoding="utf-8").splitlines()[1:]]
-    occupations = sorted({u[3] for u in users})  # ML-1M codes occupations as integers
-    (out / "users.dat").write_bytes(
-        "".join(f"{u}::{g}::{a}::{occupations.index(o)}::{z}\n" for u, a, g, o, z in users).encode("latin-1")
-    )
-    years: dict[int, int | None] = {}
-    movie_lines = []
-    for line in (typed / "ml-100k.item").read_text(encoding="utf-8").splitlines()[1:]:
-        item, title, year, classes = line.split("\t")
-        years[int(item)] = int(year) if year.isdigit() else None
-        full = f"{title} ({year})" if year.isdigit() else title
-        movie_lines.append(f"{item}::{full}::{classes.replace(' ', '|')}\n")
-    data = "".join(movie_lines).encode("latin-1")
+    written = write_ml1m(typed, tmp_path / LAYOUT["ml1m"], rows=20_000)
+    inter, users, years = written.inter, written.users, written.years
+    # The writer's rows are the typed file's first 20,000, read here independently.
+    with (typed / "ml-100k.inter").open(encoding="utf-8") as f:
+        assert inter == [line.rstrip("\n").split("\t") for line in list(f)[1:20_001]]
+    data = (tmp_path / "ml-1m" / "movies.dat").read_bytes()
     assert b"Mis\xe9rables, Les (1995)::" in data
-    (out / "movies.dat").write_bytes(data)
 
     files = conf.raw_files("ml1m", tmp_path)
     raw = conf.read(files)
@@ -334,13 +292,6 @@ def test_avazu_sample(conf, data_root):
     assert table["site_id"].tolist() == [r["site_id"] for r in rows]
 
 
-IJCAI_HEADER = (
-    "instance_id item_id item_category_list item_property_list item_brand_id item_city_id item_price_level "
-    "item_sales_level item_collected_level item_pv_level user_id user_gender_id user_age_level "
-    "user_occupation_id user_star_level context_id context_timestamp context_page_id "
-    "predict_category_property shop_id shop_review_num_level shop_review_positive_rate shop_star_level "
-    "shop_score_service shop_score_delivery shop_score_description is_trade"
-)
 IJCAI_ROWS = [
     # full row
     "108641074714126964 3412720377098676069 7908382889764677758;5755694407684602296 "
@@ -400,6 +351,74 @@ def test_ijcai18_space_separated_lists_and_missing(conf, tmp_path):
     assert q["line"].tolist() == [5]
     assert q["reason"].item() == "duplicate key: (instance_id)=(108641074714126964) already on line 2"
     assert table["source_line"].tolist() == [2, 3, 4]
+
+
+@pytest.mark.data_root
+def test_ijcai18_written_from_movielens_100k(conf, data_root, tmp_path):
+    """20,000 real ML-100K ratings as an IJCAI-18 file: every row kept, fields traced to
+    their rating, user and movie."""
+    typed = data_root / "movielens-100k"
+    written = write_ijcai18(typed, tmp_path / LAYOUT["ijcai18"], rows=20_000)
+    with (typed / "ml-100k.inter").open(encoding="utf-8") as f:
+        inter = [line.rstrip("\n").split("\t") for line in list(f)[1:20_001]]
+    with (typed / "ml-100k.user").open(encoding="utf-8") as f:
+        users = {int(p[0]): p for p in (line.rstrip("\n").split("\t") for line in list(f)[1:])}
+    with (typed / "ml-100k.item").open(encoding="utf-8") as f:
+        movies = {int(p[0]): p for p in (line.rstrip("\n").split("\t") for line in list(f)[1:])}
+    path = tmp_path / "ijcai18" / "round1_ijcai_18_train_20180301.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == IJCAI_HEADER and len(lines) == 20_001
+    assert all(len(line.split(" ")) == 27 for line in lines)
+    assert written.columns.tolist() == IJCAI_HEADER.split(" ") and len(written) == 20_000
+
+    result = conf.run("ijcai18", tmp_path)
+    table = result.table
+    assert result.quarantine.frame().empty
+    assert result.quarantine.set_missing == {}
+    assert len(table) == 20_000
+    np.testing.assert_array_equal(table["source_line"].to_numpy(dtype=np.int64), np.arange(2, 20_002))
+    assert table["instance_id"].tolist() == [str(n) for n in range(1, 20_001)]
+    assert table["user_id"].tolist() == [r[0] for r in inter]
+    assert table["item_id"].tolist() == [r[1] for r in inter]
+    labels = [int(float(r[2]) >= 4) for r in inter]
+    assert table["label"].astype("int64").tolist() == labels
+    assert 0.4 < sum(labels) / len(labels) < 0.7  # about 55% of ML-100K ratings are >= 4
+    ts = [int(r[3]) for r in inter]
+    assert table["timestamp"].astype("int64").tolist() == ts
+    hours = [_utc(t).hour for t in ts]
+    assert table["hour"].astype("int64").tolist() == hours
+    assert table["weekday"].astype("int64").tolist() == [_utc(t).weekday() for t in ts]
+    assert table["context_page_id"].tolist() == [str(4001 + h % 20) for h in hours]
+    # Genre ids map back to the movie's genres, in the typed file's order.
+    genre_of = {v: k for k, v in IJCAI_GENRE_IDS.items()}
+    assert len(genre_of) == len(IJCAI_GENRE_IDS)  # no two genres share an id
+    categories = _lists(table["item_category_list"])
+    expected_genres = [movies[int(r[1])][3].split(" ") for r in inter]
+    assert [[genre_of[c] for c in cats] for cats in categories] == expected_genres
+    # No year -> "-1" -> empty property list; with a year: its year and decade ids.
+    no_year = [not movies[int(r[1])][2].isdigit() for r in inter]
+    assert [len(p) == 0 for p in _lists(table["item_property_list"])] == no_year
+    assert {len(p) for p, n in zip(_lists(table["item_property_list"]), no_year) if not n} == {2}
+    predict = _lists(table["predict_category_property"])
+    assert [[p.split(":")[0] for p in row] for row in predict] == categories
+    assert any(no_year)  # items 267 and 1412 have no year: "genre:-1" items, kept as data
+    assert all(p.endswith(":-1") == n for row, n in zip(predict, no_year) for p in row)
+    # User codes from the user file: F=0/M=1, 1000 + decade of age, 2000 + index of the
+    # occupation name; foreign (non-numeric) zips give a missing star level.
+    occupations = sorted({u[3] for u in users.values()})
+    of_row = [users[int(r[0])] for r in inter]
+    assert table["user_gender_id"].tolist() == [{"F": "0", "M": "1"}[u[2]] for u in of_row]
+    assert table["user_age_level"].tolist() == [str(1000 + int(u[1]) // 10) for u in of_row]
+    assert table["user_occupation_id"].tolist() == [str(2000 + occupations.index(u[3])) for u in of_row]
+    foreign = [not u[4][0].isdigit() for u in of_row]
+    assert table["user_star_level"].isna().tolist() == foreign and any(foreign)
+    # Item- and shop-derived fields are constant per item; unscored shops are missing.
+    per_item_fields = ["item_brand_id", "shop_id", "item_price_level", "shop_score_service"]
+    per_item = table.groupby("item_id")[per_item_fields].nunique(dropna=False)
+    assert (per_item == 1).all().all()
+    service = table["shop_score_service"].to_numpy(dtype=np.float64, na_value=np.nan)
+    assert np.isnan(service).any() and np.nanmin(service) >= 0.9 and np.nanmax(service) <= 1.0
+    assert result.schema.user_key == "user_id" and result.schema.item_key == "item_id"
 
 
 # ------------------------------------------------------------------ generic

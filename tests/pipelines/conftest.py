@@ -5,8 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from kedro.framework.startup import bootstrap_project
+
+from dynamic_ctr.data.adapters import movielens_latest
+from dynamic_ctr.data.encoder import EncoderParams, FeatureEncoder, aggregate_item_lists
+from dynamic_ctr.data.raw import RawFileConfig, read_raw
+from dynamic_ctr.data.split import SplitParams, split_frame
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -29,3 +35,17 @@ def make_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return make_project(tmp_path / "project", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped tiny MovieLens data, split and encoded: ``(feature spec, test frame)``."""
+    root = PROJECT / "data/01_raw/ml-latest-tiny"
+    files = {k: read_raw(RawFileConfig(filepath=str(root / f"{k}.csv"))) for k in ("ratings", "movies", "tags")}
+    result = movielens_latest(files, {})
+    train, valid, test = split_frame(result.table, SplitParams(), result.schema.time_key)
+    train, (valid, test), _ = aggregate_item_lists(train, [valid, test], result.schema)
+    encoder = FeatureEncoder.fit(train, result.schema, EncoderParams())
+    test_frame, _ = encoder.transform(test)
+    test_frame["frequency_group"] = np.arange(len(test_frame)) % 10
+    return encoder.feature_spec(), test_frame

@@ -18,10 +18,10 @@ VARIANTS = ("wdl", "wdl_apg", "wdl_apg_group_user")
 
 
 def _keep_variants(root: Path) -> None:
-    path = root / "conf/base/parameters_variants.yml"
+    path = root / "conf/base/parameters_apg.yml"
     config = yaml.safe_load(path.read_text())
-    config["variants"] = {k: v for k, v in config["variants"].items() if k in VARIANTS}
-    path.write_text(yaml.safe_dump(config))
+    config["apg"]["variants"] = {k: v for k, v in config["apg"]["variants"].items() if k in VARIANTS}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _latest(root: Path, relative: str) -> Path:
@@ -38,8 +38,8 @@ def test_train_fold_report_and_score(project: Path) -> None:
     _keep_variants(project)
     _run(project)
 
-    report = project / "data/08_reporting/tiny"
-    summary = json.loads(_latest(project, "data/08_reporting/tiny/summary.json").read_text())
+    report = project / "data/08_reporting/tiny/apg"
+    summary = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
     assert [v["name"] for v in summary["variants"]] == list(VARIANTS)
     for v in summary["variants"]:
         for key in ("test_auc", "test_logloss", "test_gauc_user", "test_gauc_domain"):
@@ -57,12 +57,20 @@ def test_train_fold_report_and_score(project: Path) -> None:
     comparison = {(r["paper_table"], r["paper_row"]): r for r in summary["comparison"]}
     self_wise = comparison[("Table 4", "Self-wise, z = x_i")]
     assert self_wise["seeds"] == 2 and math.isfinite(self_wise["our_delta_pct"])
+    assert self_wise["ci95_low_pct"] <= self_wise["our_delta_pct"] <= self_wise["ci95_high_pct"]
+    assert 0 <= self_wise["t_test_p"] <= 1 and len(self_wise["delong_p_per_seed"].split()) == 2
+    assert self_wise["verdict"] in ("significant gain", "no significant difference", "significant loss")
+    assert self_wise["equal_budget"] is True
     assert comparison[("Table 5", "v1: W_i x_i")]["verdict"] == "not run"  # variant not kept
+    assert by_name["wdl_apg"]["vs_base"]["seeds"] == 2 and by_name["wdl"]["vs_base"] is None
+    budgets = {n: by_name[n]["budget"] for n in VARIANTS}
+    assert budgets["wdl_apg"]["n_trials"] == budgets["wdl"]["n_trials"] + 1  # one own dimension (K)
+    assert budgets["wdl_apg"]["common_dimensions"] == budgets["wdl"]["common_dimensions"]
 
-    html = _latest(project, "data/08_reporting/tiny/report.html").read_text()
+    html = _latest(project, "data/08_reporting/tiny/apg/report.html").read_text()
     assert html.count("<img") == 2 and "Paper delta vs our delta" in html
     for figure in ("frequency_gain.png", "cores_pca.png"):
-        assert _latest(project, f"data/08_reporting/tiny/{figure}").stat().st_size > 1000
+        assert _latest(project, f"data/08_reporting/tiny/apg/{figure}").stat().st_size > 1000
     projection = pd.read_parquet(_latest(project, "data/08_reporting/tiny/wdl_apg/cores_projection.parquet"))
     assert len(projection) == 300 and projection[["pc1", "pc2"]].notna().all().all()
     assert pd.read_parquet(_latest(project, "data/08_reporting/tiny/wdl/cores_projection.parquet")).empty
@@ -86,12 +94,13 @@ def test_train_fold_report_and_score(project: Path) -> None:
 def test_second_run_resumes_the_studies_and_reproduces_the_metrics(project: Path) -> None:
     _keep_variants(project)
     _run(project)
-    first = json.loads(_latest(project, "data/08_reporting/tiny/summary.json").read_text())
+    first = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
     _run(project)
-    second = json.loads(_latest(project, "data/08_reporting/tiny/summary.json").read_text())
+    second = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
     for a, b in zip(first["variants"], second["variants"]):
         assert a["test_auc"] == b["test_auc"], a["name"]
     tuning = json.loads(_latest(project, "data/06_models/tiny/wdl_apg/tuning_summary.json").read_text())
+    assert tuning["status"] == "trained" and tuning["budget"]["finished_trials"] == tuning["budget"]["n_trials"]
     # The study was complete in storage: nothing re-tuned, the best model was rebuilt.
     assert tuning["retrained_best"] is True
-    assert len(list((project / "data/08_reporting/tiny/summary.json").iterdir())) == 2
+    assert len(list((project / "data/08_reporting/tiny/apg/summary.json").iterdir())) == 2

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
-from dynamic_ctr.data.adapters import movielens_latest
-from dynamic_ctr.data.encoder import EncoderParams, FeatureEncoder, aggregate_item_lists
-from dynamic_ctr.data.raw import RawFileConfig, read_raw
-from dynamic_ctr.data.split import SplitParams, split_frame
 from dynamic_ctr.models import build_model
 from dynamic_ctr.pipelines.folding import nodes as folding
-from dynamic_ctr.pipelines.reporting.nodes import _delta, _verdict, evaluate_variant
-from dynamic_ctr.pipelines.training.nodes import base_config, variant_settings
+from dynamic_ctr.pipelines.reporting.nodes import compare_pair, evaluate_variant
 
 
 PROJECT = Path(__file__).resolve().parents[2]
 FOLDING = {"tolerance": 1e-5, "latency_batch": 64, "latency_repeats": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    root = PROJECT / "data/01_raw/ml-latest-tiny"
-    files = {k: read_raw(RawFileConfig(filepath=str(root / f"{k}.csv"))) for k in ("ratings", "movies", "tags")}
-    result = movielens_latest(files, {})
-    train, valid, test = split_frame(result.table, SplitParams(), result.schema.time_key)
-    train, (valid, test), _ = aggregate_item_lists(train, [valid, test], result.schema)
-    encoder = FeatureEncoder.fit(train, result.schema, EncoderParams())
-    test_frame, _ = encoder.transform(test)
-    test_frame["frequency_group"] = np.arange(len(test_frame)) % 10
-    return encoder.feature_spec(), test_frame
 
 
 def _v5(spec):
@@ -67,54 +50,64 @@ def test_fold_variant_refuses_a_folded_model_that_predicts_differently(tiny, mon
         folding.fold_variant({"seed_1": _v5(spec)}, test, spec.to_dict(), FOLDING)
 
 
-def test_select_deployment_by_validation_auc_or_by_name() -> None:
+def test_select_deployment_by_validation_auc_or_by_name_among_trained_variants() -> None:
     artifacts = {
-        "a__folded": {"seed_1": "model-a"}, "a__summary": {"best_value": 0.70},
-        "b__folded": {"seed_1": "model-b"}, "b__summary": {"best_value": 0.75},
+        "a__folded": {"seed_1": "model-a"}, "a__summary": {"status": "trained", "best_value": 0.70},
+        "b__folded": {"seed_1": "model-b"}, "b__summary": {"status": "trained", "best_value": 0.75},
+        "c__folded": {}, "c__summary": {"status": "not_applicable", "reason": "no user field"},
     }
-    bundle, record = folding.select_deployment({"variant": "best"}, **artifacts)
-    assert bundle == {"model": "model-b"} and record["variant"] == "b"
-    bundle, record = folding.select_deployment({"variant": "a"}, **artifacts)
+    bundle, record = folding.select_deployment({"apg": "best"}, suite="apg", **artifacts)
+    assert bundle == {"model": "model-b"} and record["variant"] == "b" and record["suite"] == "apg"
+    bundle, record = folding.select_deployment({}, suite="apg", **artifacts)  # best by default
+    assert record["variant"] == "b"
+    bundle, record = folding.select_deployment({"apg": "a"}, suite="apg", **artifacts)
     assert bundle == {"model": "model-a"} and record["selected_by"] == "parameter"
-    with pytest.raises(ValueError, match="deployment.variant='c'"):
-        folding.select_deployment({"variant": "c"}, **artifacts)
+    with pytest.raises(ValueError, match="deployment.apg='c' is not a trained variant"):
+        folding.select_deployment({"apg": "c"}, suite="apg", **artifacts)
+
+
+def test_fold_variant_passes_a_not_applicable_variant_through(tiny) -> None:
+    spec, test = tiny
+    assert folding.fold_variant({}, test, spec.to_dict(), FOLDING) == ({}, {"status": "not_applicable"})
 
 
 def test_evaluate_variant_metrics_and_projection(tiny) -> None:
     spec, test = tiny
     model = _v5(spec).eval()
-    metrics, projection = evaluate_variant({"seed_1": model, "seed_2": _v5(spec).eval()}, test, spec.to_dict(), {"pca_rows": 100})
+    metrics, predictions, projection = evaluate_variant(
+        {"seed_1": model, "seed_2": _v5(spec).eval()}, test, spec.to_dict(), {"pca_rows": 100}
+    )
     assert set(metrics["seeds"]) == {"seed_1", "seed_2"}
     assert metrics["auc"]["n"] == 2 and 0 < metrics["auc"]["mean"] < 1
     assert set(metrics["seeds"]["seed_1"]["by_frequency_group"]) <= {str(g) for g in range(10)}
     assert len(projection) == 100 and set(projection.columns) == {"pc1", "pc2", "frequency_group", "domain"}
+    # predictions: one column per seed, in test-row order, matching the recorded AUCs
+    assert list(predictions.columns) == ["label", "seed_1", "seed_2"] and len(predictions) == len(test)
+    for seed in ("seed_1", "seed_2"):
+        assert roc_auc_score(predictions["label"], predictions[seed]) == pytest.approx(metrics["seeds"][seed]["auc"], abs=1e-12)
     base = build_model({"family": "wdl", "hidden_units": [32, 16]}, spec).eval()
-    _, empty = evaluate_variant({"seed_1": base}, test, spec.to_dict(), {"pca_rows": 100})
+    _, _, empty = evaluate_variant({"seed_1": base}, test, spec.to_dict(), {"pca_rows": 100})
     assert empty.empty
+    status, none, _ = evaluate_variant({}, test, spec.to_dict(), {"pca_rows": 100})
+    assert status == {"status": "not_applicable"} and none.empty
 
 
-def test_delta_pairs_seeds_and_verdicts() -> None:
-    variant = {"seeds": {"s1": {"auc": 0.80}, "s2": {"auc": 0.82}}}
-    base = {"seeds": {"s1": {"auc": 0.79}, "s2": {"auc": 0.80}}}
-    mean, std, n = _delta(variant, base)
-    assert n == 2 and mean == pytest.approx(0.015) and std == pytest.approx(np.std([0.01, 0.02], ddof=1))
-    assert _verdict(mean, std, paper=0.39).startswith("reproduces")
-    assert _verdict(-0.01, 0.001, paper=0.39).startswith("does not reproduce (loss")
-    assert _verdict(0.001, 0.01, paper=0.39) == "does not reproduce (within noise)"
-    assert _verdict(0.01, math.nan, paper=0.39) == "one seed: no verdict"
-
-
-def test_variant_settings_overrides_and_base_config_uses_the_first_seed() -> None:
-    training = {"seeds": [7, 8], "study": {"n_trials": 2}, "train": {"lr": 0.005, "seed": 1},
-                "search_space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}}
-    variant = {"model": {"family": "wdl"}, "train": {"lr": 0.001}, "study": {"n_trials": 1}}
-    settings = variant_settings(training, variant)
-    assert settings["study"] == {"n_trials": 1} and "train.lr" in settings["search_space"]
-    assert base_config(settings, variant) == {"model": {"family": "wdl"}, "train": {"lr": 0.001, "seed": 7}}
-    with pytest.raises(ValueError, match="unknown key"):
-        variant_settings(training, {"model": {}, "modle": {}})
-    with pytest.raises(ValueError, match="'model'"):
-        variant_settings(training, {"seeds": [1]})
-    # a variant may run fewer seeds (an expensive one, say)
-    settings = variant_settings(training, {"model": {}, "seeds": [9]})
-    assert settings["seeds"] == [9] and base_config(settings, {"model": {}})["train"]["seed"] == 9
+def test_compare_pair_pairs_seeds_by_name_and_tests_them(tiny) -> None:
+    spec, test = tiny
+    rng = np.random.default_rng(0)
+    y = test["label"].to_numpy()
+    signal = y + rng.normal(0, 1.0, len(y))
+    base = pd.DataFrame({"label": y, "seed_1": signal + rng.normal(0, 1.0, len(y)), "seed_2": signal + rng.normal(0, 1.0, len(y))})
+    # the variant is the base's scores with much less noise: a clear gain on every seed
+    better = pd.DataFrame({"label": y, "seed_2": signal + rng.normal(0, 0.1, len(y)), "seed_1": signal + rng.normal(0, 0.1, len(y)),
+                           "seed_9": signal})
+    result = compare_pair(better, base, alpha=0.05)
+    assert result["seeds"] == 2  # seed_9 has no partner
+    deltas = [roc_auc_score(y, better[s]) - roc_auc_score(y, base[s]) for s in ("seed_1", "seed_2")]
+    assert result["delta"] == pytest.approx(np.mean(deltas), abs=1e-9)
+    assert result["ci_low"] <= result["delta"] <= result["ci_high"]
+    assert result["delong_significant"] == 2 and all(p < 1e-3 for p in result["delong_p"])
+    one = compare_pair(better[["label", "seed_1"]], base, alpha=0.05)
+    assert one["seeds"] == 1 and one["verdict"] == "not enough seeds" and one["t_test_p"] is None
+    with pytest.raises(ValueError, match="same test rows"):
+        compare_pair(better.assign(label=1 - y), base, alpha=0.05)

@@ -4,6 +4,7 @@ import json
 import math
 
 import optuna
+import torch
 import pytest
 
 from dynamic_ctr.training import auc, evaluate
@@ -301,3 +302,36 @@ def test_tune_records_a_diverging_trial_as_failed_and_continues(splits, spec, bu
     states = {(t.params["train.lr"], t.state.name) for t in result.study.trials}
     assert states == {(1e30, "FAIL"), (0.05, "COMPLETE")}  # both drawn; only the sane one completes
     assert result.best_params == {"train.lr": 0.05}
+
+
+# ------------------------------------------------------------ seeds
+
+
+def test_each_seed_changes_the_initial_weights_and_the_same_seed_repeats_them(splits, spec):
+    """``fit`` seeds the model's initialisation from the training seed (the model
+    config's own ``seed`` is overridden), so seeds differ in their starting weights."""
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.training.tuning import fit
+
+    initial: list[dict] = []
+
+    def recording_builder(config, spec):
+        model = build_model(config, spec)
+        initial.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    train_data, valid_data, _ = splits
+    config = {
+        "model": {"family": "wdl", "embedding_dim": 4, "hidden_units": [8], "seed": 0},
+        "train": {**BASE["train"], "max_epochs": 1, "seed": 0},
+    }
+    results = [
+        fit(apply_overrides(config, {"train.seed": seed}), spec, train_data, valid_data, recording_builder)
+        for seed in (1, 2, 1)
+    ]
+    first, second, again = initial
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # seed 2 starts elsewhere
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seed 1 starts at the same weights
+    assert results[0].history[0]["val_auc"] == results[2].history[0]["val_auc"]
+    assert results[0].history[0]["val_auc"] != results[1].history[0]["val_auc"]
+    assert results[0].model.config["seed"] == 1 and results[1].model.config["seed"] == 2

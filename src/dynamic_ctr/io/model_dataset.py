@@ -29,6 +29,9 @@ from torch import nn
 from dynamic_ctr.training.checkpoint import load_checkpoint, save_checkpoint
 
 ModelBundle = dict[str, nn.Module]
+#: Marks a bundle saved empty on purpose (a variant not applicable to the data set); a
+#: folder with neither checkpoints nor this marker is an error.
+EMPTY_MARKER = "EMPTY"
 
 
 class ModelBundleDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
@@ -49,17 +52,17 @@ class ModelBundleDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
     def load(self) -> ModelBundle:
         root = Path(self._get_load_path())
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not names:
+        if not names and not (root / EMPTY_MARKER).is_file():
             raise DatasetError(f"{root}: no model checkpoints in this bundle")
         return {name: load_checkpoint(root / name) for name in names}
 
     def save(self, data: ModelBundle) -> None:
-        if not data:
-            raise DatasetError("refusing to save an empty model bundle")
         target = Path(self._get_save_path())
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
+            if not data:  # a variant not applicable to this data set: say so, explicitly
+                (tmp / EMPTY_MARKER).write_text("no models: the variant was not trained on this data set\n")
             for name, model in data.items():
                 save_checkpoint(model, tmp / name)
             os.replace(tmp, target)

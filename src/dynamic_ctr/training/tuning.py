@@ -52,6 +52,7 @@ __all__ = [
     "base_params",
     "decode_params",
     "finished_trials",
+    "fit",
     "run_study",
     "suggest",
     "trials_table",
@@ -405,18 +406,33 @@ class TuneResult:
 ModelBuilder = Callable[[dict[str, Any], FeatureSpec], nn.Module]
 
 
-def _fit(
+def fit(
     config: Mapping[str, Any],
     spec: FeatureSpec,
     train_data: TensorData,
     valid_data: TensorData,
-    builder: ModelBuilder,
+    builder: ModelBuilder | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
+    """Build ``config["model"]`` and :func:`train` it with ``config["train"]``.
+
+    The training seed drives everything random: the model's initial weights (the
+    model config's ``seed`` is set to it), dropout and the batch order. Two seeds
+    therefore differ in both initialisation and batch order; one seed reproduces a
+    run exactly on the CPU.
+    """
+    if builder is None:
+        from dynamic_ctr.models import build_model as builder
     train_cfg = TrainConfig.from_dict(config["train"])
-    seed_everything(train_cfg.seed)  # model init is reproducible per trial
-    model = builder(copy.deepcopy(dict(config["model"])), spec)
+    seed_everything(train_cfg.seed)
+    model = builder(seeded_model_config(config), spec)
     return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end)
+
+
+def seeded_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config["model"]`` whose ``seed`` (the initialisation) is the
+    training seed."""
+    return {**copy.deepcopy(dict(config["model"])), "seed": TrainConfig.from_dict(config["train"]).seed}
 
 
 def tune(
@@ -431,8 +447,8 @@ def tune(
     """Search ``space`` around ``base_config`` and return the best model.
 
     Each trial: ``overrides = suggest(trial, space)``, ``config =
-    apply_overrides(base_config, overrides)``, seed with ``config["train"]["seed"]``,
-    ``builder(config["model"], spec)``, then :func:`train` with an epoch callback
+    apply_overrides(base_config, overrides)``, then :func:`fit` (initial weights, dropout
+    and batch order all from ``config["train"]["seed"]``) with an epoch callback
     that reports the validation AUC to the trial (step = epoch) and raises
     ``optuna.TrialPruned`` when the pruner says so. A new study's first trial runs the
     base config itself (:func:`base_params`), so tuning never ends below the defaults. The trial's ``best_epoch``,
@@ -482,7 +498,7 @@ def tune(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
 
-        result = _fit(config, spec, train_data, valid_data, builder, on_epoch_end)
+        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("history", result.history)
         trial.set_user_attr("overrides", overrides)
@@ -507,7 +523,7 @@ def tune(
     best_config = apply_overrides(base_config, best_params)
 
     if best["number"] == best_trial.number:
-        model = builder(copy.deepcopy(best_config["model"]), spec)
+        model = builder(seeded_model_config(best_config), spec)
         model.load_state_dict(best["state"])
         model.to(train_data.device)
         history, retrained = best["history"], False
@@ -515,7 +531,7 @@ def tune(
         logger.info(
             "best trial %d ran in an earlier process; retraining its params once", best_trial.number
         )
-        result = _fit(best_config, spec, train_data, valid_data, builder)
+        result = fit(best_config, spec, train_data, valid_data, builder)
         model, history, retrained = result.model, result.history, True
         if not math.isclose(result.best_val_auc, best_trial.value, abs_tol=1e-4):
             logger.warning(

@@ -40,13 +40,31 @@ def split_interactions(
     return train, valid, test, summary
 
 
-def fit_encoder(train: pd.DataFrame, table_schema: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+ROLE_PARAMS = ("user", "item", "context")
+
+
+def fit_encoder(
+    train: pd.DataFrame, table_schema: dict[str, Any], params: dict[str, Any], roles: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit vocabularies and buckets on the training split only.
+
+    ``roles`` (``features.roles``) maps the field roles ``user``, ``item`` and
+    ``context`` to fields; user and item default to the adapter's keys.
 
     Returns the encoder (JSON) and the feature spec models build their embeddings from.
     """
     encoder = FeatureEncoder.fit(train, TableSchema.from_dict(table_schema), EncoderParams(**params))
-    return encoder.to_dict(), encoder.feature_spec().to_dict()
+    spec = encoder.feature_spec().to_dict()
+    roles = dict(roles or {})
+    unknown = set(roles) - set(ROLE_PARAMS)
+    if unknown:
+        raise ValueError(f"features.roles has unknown role(s) {sorted(unknown)}; known: {list(ROLE_PARAMS)}")
+    names = [f["name"] for f in spec["fields"]]
+    for role, field in roles.items():
+        if field is not None and field not in names:
+            raise ValueError(f"features.roles.{role}={field!r} is not a field of this data set; fields: {names}")
+        spec[f"{role}_field"] = field
+    return encoder.to_dict(), spec
 
 
 def encode_splits(

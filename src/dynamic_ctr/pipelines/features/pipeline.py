@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 fit_encoder,
-                inputs=["primary_train", "table_schema", "params:features.encoder"],
+                inputs=["primary_train", "table_schema", "params:features.encoder", "params:features.roles"],
                 outputs=["feature_encoder", "base_feature_spec"],
                 name="fit_encoder",
             ),

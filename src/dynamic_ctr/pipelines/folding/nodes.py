@@ -52,6 +52,8 @@ def fold_variant(
     Raises:
         FoldingMismatchError: a difference above ``params['tolerance']``.
     """
+    if not trained:  # not applicable to this data set: nothing to fold
+        return {}, {"status": "not_applicable"}
     spec = FeatureSpec.from_dict(feature_spec)
     test = frame_to_tensors(test_frame, spec, "cpu")
     batch = test.x[: params["latency_batch"]]
@@ -79,6 +81,7 @@ def fold_variant(
         folded_bundle[name] = folded
     first = next(iter(seeds.values()))
     check = {
+        "status": "folded",
         "max_abs_diff": max(s["max_abs_diff"] for s in seeds.values()),
         "tolerance": params["tolerance"],
         "test_rows": len(test),
@@ -91,24 +94,30 @@ def fold_variant(
     return folded_bundle, check
 
 
-def select_deployment(deployment: dict[str, Any], **artifacts: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """The deployable model: the folded model of ``deployment.variant``, or with
-    ``best``, of the variant with the highest validation AUC (its first seed).
+def select_deployment(deployment: dict[str, Any], *, suite: str, **artifacts: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The suite's deployable model: the folded model of the variant named by
+    ``deployment[suite]``, or with ``best`` (the default), of the trained variant with
+    the highest validation AUC (its first seed).
 
     ``artifacts`` holds ``<variant>__folded`` and ``<variant>__summary`` per variant.
     """
-    summaries = {k[: -len("__summary")]: v for k, v in artifacts.items() if k.endswith("__summary")}
-    choice = deployment.get("variant", "best")
+    summaries = {
+        k[: -len("__summary")]: v for k, v in artifacts.items() if k.endswith("__summary") and v.get("status") == "trained"
+    }
+    if not summaries:
+        raise ValueError("no variant of the suite was trained, so none can be deployed")
+    configured = choice = (deployment or {}).get(suite, "best")
     if choice == "best":
         choice = max(summaries, key=lambda v: summaries[v]["best_value"])
     if choice not in summaries:
-        raise ValueError(f"parameter deployment.variant={choice!r} is not a variant; variants: {sorted(summaries)}")
+        raise ValueError(f"parameter deployment.{suite}={choice!r} is not a trained variant of the suite; trained: {sorted(summaries)}")
     bundle = artifacts[f"{choice}__folded"]
     seed_key = next(iter(bundle))
     record = {
         "variant": choice,
         "model": seed_key,
         "validation_auc": summaries[choice]["best_value"],
-        "selected_by": "parameter" if deployment.get("variant", "best") != "best" else "best validation AUC",
+        "suite": suite,
+        "selected_by": "parameter" if configured != "best" else "best validation AUC",
     }
     return {"model": bundle[seed_key]}, record

@@ -1,15 +1,17 @@
-"""folding: ``<variant>.trained_model`` -> ``<variant>.folded_model`` + check; then the
-deployable model (``deployed_model``) chosen among them."""
+"""folding: ``<variant>.trained_model`` -> ``<variant>.folded_model`` + check for every
+variant of a suite; then the suite's deployable model (``<suite>.deployed_model``)."""
+
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Pipeline, node
 
-from dynamic_ctr.pipelines.variants import per_variant_inputs, variant_names, variant_pipeline
+from dynamic_ctr.pipelines.suite import per_variant_inputs, suite_variant_names, variant_pipeline
 
 from .nodes import fold_variant, select_deployment
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    names = variant_names()
+def create_pipeline(suite: str, **kwargs) -> Pipeline:
+    names = suite_variant_names(suite)
     folds = [
         variant_pipeline(
             name,
@@ -23,5 +25,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         for name in names
     ]
     inputs = {"deployment": "params:deployment", **per_variant_inputs(names, {"folded": "folded_model", "summary": "tuning_summary"})}
-    select = node(select_deployment, inputs=inputs, outputs=["deployed_model", "deployment_record"], name="select_deployment")
+    select = node(
+        update_wrapper(partial(select_deployment, suite=suite), select_deployment), inputs=inputs, outputs=[f"{suite}.deployed_model", f"{suite}.deployment_record"],
+        name=f"{suite}.select_deployment",
+    )
     return sum(folds, Pipeline([])) + Pipeline([select])

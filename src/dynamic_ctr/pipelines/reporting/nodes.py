@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 from dynamic_ctr.models import generated_cores  # noqa: E402
 from dynamic_ctr.pipelines.training.nodes import frame_to_tensors  # noqa: E402
+from dynamic_ctr.significance import delong_test, paired_delta, verdict  # noqa: E402
 from dynamic_ctr.spec import FeatureSpec  # noqa: E402
 from dynamic_ctr.training.metrics import auc, evaluate, gauc, log_loss  # noqa: E402
 
@@ -49,30 +50,40 @@ def _by_group(y: np.ndarray, p: np.ndarray, keys: np.ndarray) -> dict[str, dict[
     return out
 
 
+EMPTY_PROJECTION = {"pc1": [], "pc2": [], GROUP_COLUMN: [], "domain": []}
+
+
 def evaluate_variant(
     models: dict[str, nn.Module], test_frame: pd.DataFrame, feature_spec: dict[str, Any], params: dict[str, Any]
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Test metrics of every seed's deployable model, and the generated ``S_i`` of the
-    first seed projected by PCA (empty for models without APG).
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Test metrics and predictions of every seed's deployable model, and the generated
+    ``S_i`` of the first seed projected by PCA (empty for models without APG).
 
     Returns:
         ``{"seeds": {seed: {auc, logloss, gauc_user, gauc_domain, by_domain,
-        by_frequency_group}}}`` and a frame of 2-d projections with the rows'
-        activity group and domain.
+        by_frequency_group}}}``; the test predictions (``label`` and one float64
+        probability column per seed, in test-row order: what the report's paired tests
+        read); and a frame of 2-d projections with the rows' activity group and domain.
+        A variant not applicable to the data set (no models) gives
+        ``{"status": "not_applicable"}`` and empty frames.
     """
+    if not models:
+        return {"status": "not_applicable"}, pd.DataFrame(), pd.DataFrame(EMPTY_PROJECTION)
     spec = FeatureSpec.from_dict(feature_spec)
     test = frame_to_tensors(test_frame, spec, "cpu")
     y = test.y.numpy()
     seeds: dict[str, Any] = {}
+    predictions = pd.DataFrame({"label": y.astype(np.int8)})
     for name, model in models.items():
         p = evaluate(model, test)
+        predictions[name] = p.astype(np.float64)  # float32 would add ties and move the AUC
         m = _metrics(y, p, test_frame, spec)
         if spec.domain_field:
             m["by_domain"] = _by_group(y, p, test_frame[spec.domain_field].to_numpy())
         if GROUP_COLUMN in test_frame:
             m["by_frequency_group"] = _by_group(y, p, test_frame[GROUP_COLUMN].to_numpy())
         seeds[name] = m
-    summary = {"seeds": seeds, "test_rows": len(test_frame)}
+    summary = {"status": "evaluated", "seeds": seeds, "test_rows": len(test_frame)}
     for key in ("auc", "logloss", "gauc_user", "gauc_domain"):
         values = [s[key] for s in seeds.values() if key in s and s[key] is not None and not math.isnan(s[key])]
         if values:
@@ -84,12 +95,14 @@ def evaluate_variant(
     try:
         cores = generated_cores(first, test.x[:rows]).numpy()
     except ValueError:  # no APG layer
-        return summary, pd.DataFrame({"pc1": [], "pc2": [], GROUP_COLUMN: [], "domain": []})
-    coords = PCA(n_components=2, random_state=0).fit_transform(cores.astype(np.float64))
+        return summary, predictions, pd.DataFrame(EMPTY_PROJECTION)
+    # v1's "cores" are whole W_i (tens of thousands of columns): a randomized SVD keeps
+    # the two leading components cheap, and float32 avoids a float64 copy of them all.
+    coords = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(cores)
     projection = pd.DataFrame({"pc1": coords[:, 0], "pc2": coords[:, 1]})
     projection[GROUP_COLUMN] = test_frame[GROUP_COLUMN].to_numpy()[:rows] if GROUP_COLUMN in test_frame else -1
     projection["domain"] = test_frame[spec.domain_field].to_numpy()[:rows] if spec.domain_field else -1
-    return summary, projection
+    return summary, predictions, projection
 
 
 # ------------------------------------------------------------------ the report
@@ -108,29 +121,59 @@ def _describe(config: dict[str, Any]) -> dict[str, Any]:
     return {"model_family": "apg", "backbone": config["family"], "condition": text, "apg_version": apg.get("version")}
 
 
-def _seed_values(metrics: dict[str, Any], key: str) -> list[float]:
-    return [s[key] for s in metrics["seeds"].values()]
+def compare_pair(variant: pd.DataFrame, base: pd.DataFrame, alpha: float) -> dict[str, Any]:
+    """``variant`` against ``base`` on the same test rows, seeds paired by name.
+
+    Gives the mean paired AUC delta over seeds with its 95% interval and the paired
+    t-test p-value (seed-to-seed variation), DeLong's test per seed (test-set noise,
+    the two models scored on the same rows) and the verdict from them
+    (:func:`dynamic_ctr.significance.verdict`). Deltas are in AUC (not % points).
+    """
+    if not np.array_equal(variant["label"].to_numpy(), base["label"].to_numpy()):
+        raise ValueError("the variant and its base were not evaluated on the same test rows")
+    seeds = [c for c in variant.columns if c != "label" and c in base.columns]
+    if not seeds:
+        return {"seeds": 0, "verdict": "no common seed"}
+    y = variant["label"].to_numpy()
+    tests = [delong_test(y, variant[s].to_numpy(np.float64), base[s].to_numpy(np.float64)) for s in seeds]
+    paired = paired_delta([t.delta for t in tests])
+    return {
+        "seeds": paired.n,
+        "delta": paired.mean,
+        **{key: _number(getattr(paired, attr)) for key, attr in
+           (("delta_std", "std"), ("ci_low", "ci_low"), ("ci_high", "ci_high"), ("t_test_p", "p_value"))},
+        "delong_p": [t.p_value for t in tests],
+        "delong_significant": sum(t.p_value < alpha for t in tests),
+        "verdict": verdict(paired, [t.p_value for t in tests], alpha),
+    }
 
 
-def _delta(variant: dict[str, Any], base: dict[str, Any], key: str = "auc") -> tuple[float, float, int]:
-    """Mean and standard deviation over seeds of ``variant - base`` (seeds paired in order)."""
-    diffs = [a - b for a, b in zip(_seed_values(variant, key), _seed_values(base, key))]
-    if not diffs:
-        return math.nan, math.nan, 0
-    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
-    return float(np.mean(diffs)), std, len(diffs)
+def _number(value: float) -> float | None:
+    """JSON has no NaN: an undefined statistic (one seed) is null."""
+    return None if value is None or math.isnan(value) else float(value)
 
 
-def _verdict(mean: float, std: float, paper: float) -> str:
-    if math.isnan(mean):
-        return "not run"
-    if math.isnan(std):
-        return "one seed: no verdict"
-    if paper > 0 and mean - std > 0:
-        return "reproduces (gain beyond 1 std)"
-    if mean + std < 0:
-        return "does not reproduce (loss beyond 1 std)"
-    return "does not reproduce (within noise)"
+def _pct(result: dict[str, Any], key: str) -> float:
+    value = result.get(key)
+    return math.nan if value is None else 100 * value
+
+
+def _budget_text(budget: dict[str, Any] | None) -> str | None:
+    if not budget:
+        return None
+    own = f" + {len(budget['own_dimensions'])} own dim(s)" if budget["own_dimensions"] else ""
+    return (f"{budget.get('finished_trials', '?')}/{budget['n_trials']} trials ({budget['common_trials']} shared{own}), "
+            f"<= {budget['max_epochs']} epochs, {budget['seeds']} seed(s)")
+
+
+def _equal_budget(variant: dict[str, Any] | None, base: dict[str, Any] | None) -> bool | None:
+    """Whether a variant and its base got the same tuning budget on the shared space
+    (trials planned and finished, epochs, seeds); None when either did not train."""
+    if not variant or not base:
+        return None
+    same_plan = all(variant[k] == base[k] for k in ("common_trials", "max_epochs", "seeds"))
+    finished = variant.get("finished_trials") == variant["n_trials"] and base.get("finished_trials") == base["n_trials"]
+    return same_plan and finished
 
 
 def _figure_html(fig: plt.Figure) -> str:
@@ -174,44 +217,70 @@ def _pca_plot(projections: dict[str, pd.DataFrame]) -> plt.Figure:
 
 
 def build_report(
-    params: dict[str, Any], feature_spec: dict[str, Any], domain_stats: pd.DataFrame, deployment: dict[str, Any], **artifacts: Any
+    params: dict[str, Any], plan: dict[str, Any], feature_spec: dict[str, Any], domain_stats: pd.DataFrame,
+    deployment: dict[str, Any], **artifacts: Any,
 ) -> tuple[dict[str, Any], str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, plt.Figure, plt.Figure]:
-    """The JSON summary, the HTML report, the comparison, efficiency, per-domain and
-    activity-group-gain tables and the two figures, from every variant's ``<variant>__metrics``,
-    ``__folding``, ``__summary``, ``__history`` and ``__projection``."""
-    names = [k[: -len("__metrics")] for k in artifacts if k.endswith("__metrics")]
-    get = {kind: {n: artifacts[f"{n}__{kind}"] for n in names} for kind in ("metrics", "folding", "summary", "history", "projection")}
+    """The suite's JSON summary, HTML report, paper comparison, efficiency, per-domain
+    and activity-group-gain tables and the two figures, from the suite plan and every
+    variant's ``<variant>__metrics``, ``__predictions``, ``__folding``, ``__summary``,
+    ``__history`` and ``__projection``. Variants not applicable to the data set are
+    listed with their reason and left out of every table."""
+    every = [k[: -len("__metrics")] for k in artifacts if k.endswith("__metrics")]
+    names = [n for n in every if artifacts[f"{n}__summary"].get("status") == "trained"]
+    skipped = {n: artifacts[f"{n}__summary"].get("reason") for n in every if n not in names}
+    kinds = ("metrics", "predictions", "folding", "summary", "history", "projection")
+    get = {kind: {n: artifacts[f"{n}__{kind}"] for n in names} for kind in kinds}
     spec = FeatureSpec.from_dict(feature_spec)
+    alpha = float(params.get("alpha", 0.05))
+    report_params = plan.get("report") or {}
+
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def compared(variant: str, base: str) -> dict[str, Any] | None:
+        if variant not in names or base not in names:
+            return None
+        if (variant, base) not in pairs:
+            pairs[variant, base] = compare_pair(get["predictions"][variant], get["predictions"][base], alpha)
+        return pairs[variant, base]
 
     variants = []
     for n in names:
         m, f, s = get["metrics"][n], get["folding"][n], get["summary"][n]
-        entry = {"name": n, **_describe(s["best_config"]["model"])}
+        entry = {"name": n, "suite": plan["suite"], **_describe(s["best_config"]["model"])}
+        base = s.get("compare_to")
         entry.update({
             "test_auc": m["auc"]["mean"], "test_auc_std": m["auc"]["std"], "test_logloss": m["logloss"]["mean"],
             "test_gauc_user": m.get("gauc_user", {}).get("mean"), "test_gauc_domain": m.get("gauc_domain", {}).get("mean"),
             "seeds": len(m["seeds"]), "validation_auc": s["best_value"], "best_params": s["best_params"],
             "parameter_count": f["parameters"], "folded_parameter_count": f["folded_parameters"],
             "folding_check": {"max_abs_diff": f["max_abs_diff"], "tolerance": f["tolerance"], "passed": f["max_abs_diff"] <= f["tolerance"]},
-            "compare_to": s.get("compare_to"),
+            "compare_to": base, "budget": s.get("budget"),
+            "vs_base": compared(n, base) if base else None,
         })
         variants.append(entry)
     by_name = {v["name"]: v for v in variants}
 
-    # Paper delta vs our delta (AUC in % points).
+    # Paper delta vs our delta (AUC in % points), with the paired evidence.
     comparison_rows = []
-    for row in params.get("paper_rows") or []:
+    for row in report_params.get("paper_rows") or []:
         variant, base = row["variant"], row["base"]
-        mean = std = math.nan
-        n_seeds = 0
-        if variant in get["metrics"] and base in get["metrics"]:
-            mean, std, n_seeds = _delta(get["metrics"][variant], get["metrics"][base])
+        result = compared(variant, base) or {}
         paper_delta = row["paper_variant"] - row["paper_base"]
+        if variant in skipped or base in skipped:
+            outcome = f"not applicable: {skipped.get(variant) or skipped.get(base)}"
+        elif not result:
+            outcome = "not run"
+        else:
+            outcome = result["verdict"]
+        budgets = (get["summary"].get(variant, {}).get("budget"), get["summary"].get(base, {}).get("budget"))
         comparison_rows.append({
             "paper_table": row["table"], "paper_row": row["row"], "variant": variant, "base": base,
             "paper_base_auc_pct": row["paper_base"], "paper_variant_auc_pct": row["paper_variant"],
-            "paper_delta_pct": round(paper_delta, 4), "our_delta_pct": 100 * mean, "our_delta_std_pct": 100 * std,
-            "seeds": n_seeds, "verdict": _verdict(mean, std, paper_delta),
+            "paper_delta_pct": round(paper_delta, 4), "our_delta_pct": _pct(result, "delta"), "our_delta_std_pct": _pct(result, "delta_std"),
+            "ci95_low_pct": _pct(result, "ci_low"), "ci95_high_pct": _pct(result, "ci_high"), "t_test_p": result.get("t_test_p") if result.get("t_test_p") is not None else math.nan,
+            "delong_p_per_seed": " ".join(f"{p:.3g}" for p in result.get("delong_p", [])),
+            "delong_significant_seeds": f"{result['delong_significant']}/{result['seeds']}" if result.get("delong_p") else "",
+            "seeds": result.get("seeds", 0), "equal_budget": _equal_budget(*budgets), "verdict": outcome,
         })
     comparison = pd.DataFrame(comparison_rows)
 
@@ -246,24 +315,29 @@ def build_report(
         base = get["summary"][n].get("compare_to")
         if not base or base not in get["metrics"]:
             continue
-        pairs = zip(get["metrics"][n]["seeds"].values(), get["metrics"][base]["seeds"].values())
+        base_seeds = get["metrics"][base]["seeds"]
+        seed_pairs = [(m, base_seeds[k]) for k, m in get["metrics"][n]["seeds"].items() if k in base_seeds]
         per_group: dict[int, list[float]] = {}
-        for mv, mb in pairs:
+        for mv, mb in seed_pairs:
             for g, stats in (mv.get("by_frequency_group") or {}).items():
                 if g in (mb.get("by_frequency_group") or {}) and int(g) >= 0:
                     per_group.setdefault(int(g), []).append(stats["auc"] - mb["by_frequency_group"][g]["auc"])
         for g in sorted(per_group):
             gain_rows.append({"variant": n, "base": base, "group": g, "auc_gain_pct": 100 * float(np.mean(per_group[g]))})
     gains = pd.DataFrame(gain_rows, columns=["variant", "base", "group", "auc_gain_pct"])
-    plotted = params.get("frequency_plot_variants")
+    plotted = report_params.get("frequency_plot_variants")
     frequency_fig = _frequency_plot(gains[gains["variant"].isin(plotted)] if plotted else gains)
     pca_fig = _pca_plot(get["projection"])
 
     summary = {
+        "suite": plan["suite"],
+        "suite_label": plan.get("label"),
         "dataset": params.get("dataset_label"),
         "test_rows": next(iter(get["metrics"].values()))["test_rows"] if names else 0,
+        "alpha": alpha,
         "deployment": deployment,
         "variants": variants,
+        "not_applicable": [{"name": n, "reason": r} for n, r in skipped.items()],
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
     }
     report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, frequency_fig, pca_fig, by_name)
@@ -278,9 +352,10 @@ def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, freq
     overview = pd.DataFrame([
         {k: v for k, v in entry.items() if k in ("name", "model_family", "backbone", "condition", "apg_version", "test_auc", "test_auc_std",
                                                    "test_logloss", "test_gauc_user", "test_gauc_domain", "seeds", "parameter_count")}
-        | {"folding max abs diff": entry["folding_check"]["max_abs_diff"]}
+        | {"folding max abs diff": entry["folding_check"]["max_abs_diff"], "tuning budget": _budget_text(entry["budget"])}
         for entry in summary["variants"]
     ])
+    skipped = pd.DataFrame(summary["not_applicable"], columns=["name", "reason"])
     pivot = per_domain.pivot_table(index=["domain", "name"], columns="variant", values="auc").reset_index() if len(per_domain) else per_domain
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
              "table.t{border-collapse:collapse;font-size:12px;margin-bottom:1em}"
@@ -289,13 +364,18 @@ def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, freq
     dep = summary["deployment"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>dynamic-ctr report</title><style>{style}</style></head><body>",
-        f"<h1>dynamic-ctr: test report ({html.escape(str(summary['dataset']))})</h1>",
+        f"<h1>dynamic-ctr: {html.escape(str(summary['suite_label']))} ({html.escape(str(summary['dataset']))})</h1>",
         f"<p>{summary['test_rows']:,} test rows. Metrics are means over seeds (std where several). "
         f"Deployed: <b>{html.escape(dep['variant'])}</b> ({html.escape(dep['selected_by'])}).</p>",
         "<h2>Variants</h2>", _table(overview),
+        "<h2>Not applicable on this data set</h2>" + (_table(skipped) if len(skipped) else "<p>None: every variant ran.</p>"),
         "<h2>Paper delta vs our delta (AUC, % points)</h2>",
-        "<p>Paper figures are the KDD version's own (MovieLens there is ML-1M); ours are mean ± std over seeds of the "
-        "paired difference to the base. The paper counts 0.1 % points as significant.</p>",
+        "<p>Paper figures are the paper's own (for APG, the KDD version's, on ML-1M). Ours: the mean over seeds of the "
+        "paired test-AUC difference to the base (each seed changes the initialisation and the batch order of both), "
+        "its 95% t interval and the paired t-test p-value over seeds; then DeLong's test per seed (both models on the same "
+        f"test rows). The verdict follows the paired t-test at alpha = {summary['alpha']}: one seed gives no verdict. "
+        "<i>equal_budget</i> says whether the variant and its base had the same tuning budget on the shared search "
+        "space (trials planned and finished, epochs, seeds).</p>",
         _table(comparison) if len(comparison) else "<p>No paper rows configured.</p>",
         "<h2>Gain per activity group</h2>", _figure_html(frequency_fig),
         "<h2>Generated S_i (PCA)</h2>", _figure_html(pca_fig),

@@ -3,7 +3,6 @@ under every further seed."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -12,12 +11,10 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from dynamic_ctr.models import build_model
 from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training.batching import TensorData, tensors_from_columns
-from dynamic_ctr.training.device import resolve_device, seed_everything
-from dynamic_ctr.training.loop import TrainConfig, train
-from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, trials_table, tune
+from dynamic_ctr.training.device import resolve_device
+from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, fit, trials_table, tune
 
 logger = logging.getLogger(__name__)
 
@@ -31,83 +28,65 @@ def frame_to_tensors(frame: pd.DataFrame, spec: FeatureSpec, device: Any, groups
     return tensors_from_columns({c: frame[c].to_numpy() for c in columns}, spec, device, group_columns=list(groups))
 
 
-VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to"}
-
-
-def variant_settings(training: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
-    """``training`` with the variant's own ``train``, ``study``, ``seeds`` and
-    ``search_space`` laid over it (e.g. fewer trials for an expensive variant)."""
-    unknown = set(variant) - VARIANT_KEYS
-    if unknown:
-        raise ValueError(f"variant parameters have unknown key(s) {sorted(unknown)}; known: {sorted(VARIANT_KEYS)}")
-    if "model" not in variant:
-        raise ValueError("variant parameters need a 'model' config")
-    return {
-        **training,
-        "train": {**training["train"], **(variant.get("train") or {})},
-        "study": {**training["study"], **(variant.get("study") or {})},
-        "seeds": [int(s) for s in variant.get("seeds") or training["seeds"]],
-        "search_space": copy.deepcopy(variant.get("search_space") or training["search_space"]),
-    }
-
-
-def base_config(settings: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
-    """The variant's base config ``{model, train}``, seeded with its first seed;
-    ``settings`` is :func:`variant_settings`' result."""
-    return {"model": copy.deepcopy(variant["model"]), "train": {**settings["train"], "seed": settings["seeds"][0]}}
-
-
 def _fingerprint(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def not_applicable_summary(variant_name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    return {"variant": variant_name, "status": "not_applicable", "reason": entry["reason"], "compare_to": entry.get("compare_to")}
 
 
 def train_variant(
     train_frame: pd.DataFrame,
     valid_frame: pd.DataFrame,
     feature_spec: dict[str, Any],
-    training: dict[str, Any],
-    variant: dict[str, Any],
+    plan: dict[str, Any],
+    device_name: str,
     *,
     variant_name: str,
 ) -> tuple[dict[str, nn.Module], dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """Tune one variant with Optuna, then retrain its best config with every seed.
+    """Tune one variant of the suite plan with Optuna, then retrain its best config
+    with every further seed (each seed changes the initial weights and the batch order).
 
-    The study is named after the variant and a fingerprint of the data and the
+    The study is named after the variant and a fingerprint of the data and the planned
     configuration, so an interrupted run resumes its study, while new data or a new
-    search space starts a new one.
+    search space starts a new one. A variant the plan marks ``not_applicable`` trains
+    nothing: its bundle is empty and its summary carries the reason.
 
     Returns:
         ``{"seed_<s>": model}`` (CPU, eval mode), the tuning summary (best params and
-        value, study name, device), the study's trials table and the per-epoch history
-        of every seed.
+        value, study name, device, budget), the study's trials table and the per-epoch
+        history of every seed.
     """
+    entry = plan["variants"][variant_name]
+    if entry["status"] != "ready":
+        return {}, not_applicable_summary(variant_name, entry), pd.DataFrame(), pd.DataFrame()
     spec = FeatureSpec.from_dict(feature_spec)
-    training = variant_settings(training, variant)
-    device = resolve_device(training.get("device", "auto"))
+    device = resolve_device(device_name)
+    if entry.get("train_rows"):
+        train_frame = train_frame.iloc[: int(entry["train_rows"])]
     train_data = frame_to_tensors(train_frame, spec, device)
     valid_data = frame_to_tensors(valid_frame, spec, device)
-    base, space = base_config(training, variant), training["search_space"]
-    study_params = dict(training["study"])
-    fingerprint = _fingerprint(feature_spec, len(train_frame), len(valid_frame), base, space, study_params.get("seed"))
-    study_cfg = StudyConfig(study_name=f"{variant_name}-{fingerprint}", **study_params)
+    base = {"model": entry["model"], "train": entry["train"]}
+    space, seeds = entry["search_space"], entry["seeds"]
+    fingerprint = _fingerprint(feature_spec, len(train_frame), len(valid_frame), base, space, entry["study"].get("seed"))
+    study_cfg = StudyConfig(study_name=f"{variant_name}-{fingerprint}", **entry["study"])
     logger.info("variant %s: tuning on %s (%d train rows), study %s", variant_name, device, len(train_data), study_cfg.study_name)
     result = tune(base, space, spec, train_data, valid_data, study_cfg)
 
-    seeds = training["seeds"]
     models: dict[str, nn.Module] = {f"seed_{seeds[0]}": result.best_model}
     histories = [pd.DataFrame(result.best_history).assign(seed=seeds[0])]
     for seed in seeds[1:]:
-        config = apply_overrides(result.best_config, {"train.seed": seed})
-        seed_everything(seed)
-        model = build_model(copy.deepcopy(config["model"]), spec)
-        run = train(model, train_data, valid_data, TrainConfig.from_dict(config["train"]))
+        run = fit(apply_overrides(result.best_config, {"train.seed": seed}), spec, train_data, valid_data)
         models[f"seed_{seed}"] = run.model
         histories.append(pd.DataFrame(run.history).assign(seed=seed))
     models = {k: m.to("cpu").eval() for k, m in models.items()}
 
+    trials = pd.DataFrame(trials_table(result.study))
     summary = {
         "variant": variant_name,
+        "status": "trained",
         "study_name": study_cfg.study_name,
         "device": str(device),
         "best_value": result.best_value,
@@ -115,9 +94,9 @@ def train_variant(
         "best_config": result.best_config,
         "retrained_best": result.retrained,
         "seeds": seeds,
-        "compare_to": variant.get("compare_to"),
+        "compare_to": entry.get("compare_to"),
+        "budget": {**entry["budget"], "finished_trials": int(trials["state"].isin(["COMPLETE", "PRUNED"]).sum())},
     }
-    trials = pd.DataFrame(trials_table(result.study))
     for column in ("params", "user_attrs"):
         if column in trials:
             trials[column] = trials[column].map(lambda v: json.dumps(v, default=str))

@@ -1,0 +1,129 @@
+"""The suite plan: every variant resolved and checked on the data before any training."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dynamic_ctr.pipelines.planning.nodes import SuitePlanError, deep_merge, plan_suite, resolve_roles
+from dynamic_ctr.pipelines.suite import suite_variant_names
+from dynamic_ctr.spec import FeatureSpec
+
+PROJECT = Path(__file__).resolve().parents[2]
+APG = yaml.safe_load((PROJECT / "conf/base/parameters_apg.yml").read_text())["apg"]
+TRAINING = yaml.safe_load((PROJECT / "conf/base/parameters_training.yml").read_text())["training"]
+NAMES = suite_variant_names("apg", PROJECT)
+
+
+@pytest.fixture
+def spec(tiny) -> dict:
+    """The tiny data's real feature spec, with the context role mapped as in conf/base."""
+    return {**tiny[0].to_dict(), "context_field": "hour"}
+
+
+def _plan(spec: dict, suite: dict | None = None, training: dict | None = None) -> dict:
+    return plan_suite(spec, training or TRAINING, suite or APG, suite="apg", registered=NAMES)
+
+
+def test_the_shipped_suite_plans_every_variant_with_roles_resolved(spec) -> None:
+    plan = _plan(spec)
+    variants = plan["variants"]
+    assert list(variants) == NAMES and all(v["status"] == "ready" for v in variants.values())
+    assert variants["wdl_apg_group_user"]["model"]["apg"]["condition"]["fields"] == ["user"]
+    assert variants["wdl_apg_group_item"]["model"]["apg"]["condition"]["fields"] == ["item"]
+    assert variants["wdl_apg_mix"]["model"]["apg"]["condition"]["fields"] == ["user", "item", "hour"]
+    # the defaults block is laid under every variant; the variant's keys win
+    assert variants["deepfm_apg"]["model"]["family"] == "deepfm" and variants["deepfm_apg"]["model"]["embedding_dim"] == 16
+    assert variants["wdl"]["model"] == APG["defaults"]["model"]
+    assert plan["report"]["paper_rows"] and plan["label"].startswith("APG")
+
+
+def test_budgets_share_the_search_space_and_add_trials_per_own_dimension(spec) -> None:
+    variants = _plan(spec)["variants"]
+    common = set(TRAINING["search_space"])
+    assert {"train.lr", "train.embedding_weight_decay", "model.dropout"} <= common
+    n = TRAINING["study"]["n_trials"]
+    per_dim = TRAINING["study"]["trials_per_extra_dimension"]
+    for name, v in variants.items():
+        assert common <= set(v["search_space"]), name  # every variant searches the shared space
+        assert v["budget"]["common_dimensions"] == sorted(common)
+        own = v["budget"]["own_dimensions"]
+        if name != "wdl_apg_v1":  # the default run's one deliberately short schedule
+            assert v["budget"]["common_trials"] == n, name
+            assert v["study"]["n_trials"] == n + per_dim * len(own), name
+    assert variants["wdl_apg"]["budget"]["own_dimensions"] == ["model.apg.rank"]
+    assert variants["wdl_apg"]["study"]["n_trials"] == variants["wdl"]["study"]["n_trials"] + per_dim
+    assert variants["wdl_apg_v1"]["budget"]["common_trials"] == 1  # the report marks it unequal
+
+
+def test_a_data_set_without_the_roles_stops_before_training_naming_every_variant(spec) -> None:
+    criteo_like = {**spec, "user_field": None, "item_field": None, "context_field": None}
+    with pytest.raises(SuitePlanError) as caught:
+        _plan(criteo_like)
+    message = str(caught.value)
+    assert "3 problem(s)" in message and "nothing was trained" in message
+    for name, role in (("wdl_apg_group_user", "@user"), ("wdl_apg_group_item", "@item"), ("wdl_apg_mix", "@user")):
+        assert f"- {name}: lacks the field role '{role}'" in message
+    assert "apg.not_applicable" in message
+
+
+def test_declared_not_applicable_variants_are_planned_as_such(spec) -> None:
+    criteo_like = {**spec, "user_field": None, "item_field": None, "context_field": None}
+    suite = copy.deepcopy(APG)
+    suite["not_applicable"] = {n: "no user or item id" for n in ("wdl_apg_group_user", "wdl_apg_group_item", "wdl_apg_mix")}
+    variants = _plan(criteo_like, suite)["variants"]
+    assert variants["wdl_apg_mix"] == {"status": "not_applicable", "reason": "no user or item id", "compare_to": "wdl"}
+    assert variants["wdl_apg"]["status"] == "ready"
+
+
+def test_impossible_configs_are_all_named_in_one_error(spec) -> None:
+    suite = copy.deepcopy(APG)
+    suite["variants"]["wdl_apg"]["search_space"]["model.apg.rank"]["choices"] = [4, 100]  # > the 64-wide last layer
+    suite["variants"]["wdl_apg_v4"]["model"]["apg"]["condition"] = {"mode": "group", "fields": ["no_such_column"]}
+    suite["variants"]["dcn"]["model"]["widht"] = 3
+    suite["variants"]["dnn_apg"]["search_space"] = {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    suite["variants"]["deepfm"]["compare_to"] = "deepfm"
+    suite["variants"]["wdl_apg_stack3"]["model"]["apg"]["condition"]["fields"] = ["@weather"]
+    suite["variants"]["added_by_env"] = {"compare_to": "wdl"}
+    suite["not_applicable"] = {"nonexistent": "typo"}
+    with pytest.raises(SuitePlanError) as caught:
+        _plan(spec, suite)
+    message = str(caught.value)
+    expected = [
+        "- wdl_apg: search_space['model.apg.rank'] value 100: apg.rank=100 exceeds",
+        "- wdl_apg_v4: apg.condition.fields: no field 'no_such_column'",
+        "- dcn: unknown config key 'widht'",
+        "- dnn_apg: search_space redefines the shared dimension(s) ['train.lr']",
+        "- deepfm: compare_to='deepfm' is not another variant",
+        "- wdl_apg_stack3: unknown field role '@weather'",
+        "['added_by_env']: defined by the environment but not in conf/base/parameters_apg.yml",
+        "- nonexistent: listed under apg.not_applicable but not a variant",
+    ]
+    for line in expected:
+        assert line in message, line
+    assert "8 problem(s)" in message
+
+
+def test_limits_cap_trials_epochs_seeds_and_rows(spec) -> None:
+    training = {**TRAINING, "limits": {"n_trials": 1, "max_epochs": 1, "seeds": 1, "train_rows": 500}}
+    for v in _plan(spec, training=training)["variants"].values():
+        assert v["study"]["n_trials"] == 1 and v["train"]["max_epochs"] == 1
+        assert v["seeds"] == [TRAINING["seeds"][0]] and v["train_rows"] == 500
+        assert v["train"]["seed"] == TRAINING["seeds"][0]
+    with pytest.raises(SuitePlanError, match="training.limits has unknown key"):
+        _plan(spec, training={**TRAINING, "limits": {"epochs": 1}})
+
+
+def test_unknown_suite_keys_are_refused(spec) -> None:
+    with pytest.raises(SuitePlanError, match=r"unknown key\(s\) \['varaints'\]"):
+        _plan(spec, {**APG, "varaints": {}})
+
+
+def test_resolve_roles_and_deep_merge() -> None:
+    spec = FeatureSpec.from_dict({"fields": [{"name": "u", "kind": "categorical", "vocab_size": 5, "source": "user"}],
+                                  "user_field": "u"})
+    assert resolve_roles({"a": ["@user", "x"], "b": {"c": "@user"}}, spec) == {"a": ["u", "x"], "b": {"c": "u"}}
+    assert deep_merge({"model": {"a": 1, "b": {"c": 2}}}, {"model": {"b": {"d": 3}}}) == {"model": {"a": 1, "b": {"c": 2, "d": 3}}}
