@@ -127,3 +127,22 @@ def test_resolve_roles_and_deep_merge() -> None:
                                   "user_field": "u"})
     assert resolve_roles({"a": ["@user", "x"], "b": {"c": "@user"}}, spec) == {"a": ["u", "x"], "b": {"c": "u"}}
     assert deep_merge({"model": {"a": 1, "b": {"c": 2}}}, {"model": {"b": {"d": 3}}}) == {"model": {"a": 1, "b": {"c": 2, "d": 3}}}
+
+
+def test_the_paper_protocol_gives_five_seeds_eight_shared_trials_and_equal_budgets(spec) -> None:
+    plan = _plan(spec, training={**TRAINING, "protocol": "paper"})
+    assert plan["protocol"] == "paper"
+    variants = plan["variants"]
+    for name, v in variants.items():
+        assert len(v["seeds"]) >= 5 and v["budget"]["common_trials"] >= 8, name
+        assert v["budget"]["common_trials"] == variants["wdl"]["budget"]["common_trials"], name  # v1 included
+        assert v["study"]["n_trials"] == 8 + 2 * len(v["budget"]["own_dimensions"]), name
+    assert variants["wdl_apg"]["budget"]["own_dimensions"] == ["model.apg.rank", "model.apg.width"]
+    assert _plan(spec)["protocol"] == "default"
+    with pytest.raises(SuitePlanError, match=r"training.protocol='papr' is not one of"):
+        _plan(spec, training={**TRAINING, "protocol": "papr"})
+
+
+def test_conf_paper_selects_the_paper_protocol() -> None:
+    paper = yaml.safe_load((PROJECT / "conf/paper/parameters.yml").read_text())
+    assert paper == {"training": {"protocol": "paper"}}

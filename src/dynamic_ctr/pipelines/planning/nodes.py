@@ -6,6 +6,10 @@ over them (a deep merge), over the shared ``training`` parameters. Model configs
 name fields by role (``"@user"``, ``"@item"``, ``"@context"``, ``"@domain"``), mapped
 per data set in the feature spec, or by column name.
 
+A protocol (``training.protocol``, e.g. ``paper``) is a named preset laid over the
+training parameters (``training.protocols.<name>``) and over the suite's
+(``<suite>.protocols.<name>``): seeds, trials, epochs, per-variant search spaces.
+
 Budgets are equal by construction: every variant searches the shared
 ``training.search_space`` (learning rate, embedding L2, dropout) with
 ``training.study.n_trials`` trials; a variant's own dimensions (APG's K, P, J, ...) come
@@ -23,7 +27,7 @@ from dynamic_ctr.training.loop import TrainConfig
 from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, validate_space
 
 VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to"}
-SUITE_KEYS = {"label", "defaults", "variants", "not_applicable", "report"}
+SUITE_KEYS = {"label", "defaults", "variants", "not_applicable", "report", "protocols"}
 LIMIT_KEYS = {"n_trials", "max_epochs", "seeds", "train_rows"}
 
 
@@ -183,10 +187,11 @@ def plan_suite(
         SuitePlanError: names every variant that cannot run and why.
     """
     spec = FeatureSpec.from_dict(feature_spec)
-    where = f"suite {suite!r} on data set {spec.metadata.get('dataset', 'this data set')!r}"
+    where = f"suite {suite!r}"
     unknown = set(suite_params) - SUITE_KEYS
     if unknown:
         raise SuitePlanError(f"{where}: parameters '{suite}' have unknown key(s) {sorted(unknown)}; known: {sorted(SUITE_KEYS)}")
+    training, suite_params, protocol = apply_protocol(training, suite_params, suite)
     variants = suite_params.get("variants") or {}
     defaults = suite_params.get("defaults") or {}
     declared = suite_params.get("not_applicable") or {}
@@ -224,4 +229,32 @@ def plan_suite(
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise SuitePlanError(f"{where}: {len(problems)} problem(s) found before training; nothing was trained:\n{lines}")
-    return {"suite": suite, "label": suite_params.get("label", suite), "variants": plan, "report": suite_params.get("report") or {}}
+    return {
+        "suite": suite, "label": suite_params.get("label", suite), "protocol": protocol, "variants": plan,
+        "report": suite_params.get("report") or {},
+    }
+
+
+def apply_protocol(training: dict[str, Any], suite_params: dict[str, Any], suite: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``training`` and ``suite_params`` with the protocol named by
+    ``training.protocol`` laid over them (none: both unchanged, protocol ``default``).
+
+    Raises:
+        SuitePlanError: an unknown protocol name.
+    """
+    name = training.get("protocol")
+    presets = training.get("protocols") or {}
+    suite_presets = suite_params.get("protocols") or {}
+    training = {k: v for k, v in training.items() if k not in ("protocol", "protocols")}
+    suite_params = {k: v for k, v in suite_params.items() if k != "protocols"}
+    if not name:
+        return training, suite_params, "default"
+    if name not in presets:
+        raise SuitePlanError(f"training.protocol={name!r} is not one of training.protocols {sorted(presets)}")
+    unknown = set(presets[name] or {}) - {"seeds", "train", "study", "search_space"}
+    if unknown:
+        raise SuitePlanError(f"training.protocols.{name} has unknown key(s) {sorted(unknown)}")
+    suite_preset = suite_presets.get(name) or {}
+    if set(suite_preset) - {"defaults", "variants"}:
+        raise SuitePlanError(f"{suite}.protocols.{name} may set only 'defaults' and 'variants'")
+    return deep_merge(training, presets[name] or {}), deep_merge(suite_params, suite_preset), name

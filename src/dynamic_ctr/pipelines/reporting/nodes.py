@@ -332,6 +332,7 @@ def build_report(
     summary = {
         "suite": plan["suite"],
         "suite_label": plan.get("label"),
+        "protocol": plan.get("protocol", "default"),
         "dataset": params.get("dataset_label"),
         "test_rows": next(iter(get["metrics"].values()))["test_rows"] if names else 0,
         "alpha": alpha,
@@ -365,7 +366,8 @@ def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, freq
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>dynamic-ctr report</title><style>{style}</style></head><body>",
         f"<h1>dynamic-ctr: {html.escape(str(summary['suite_label']))} ({html.escape(str(summary['dataset']))})</h1>",
-        f"<p>{summary['test_rows']:,} test rows. Metrics are means over seeds (std where several). "
+        f"<p>Protocol <b>{html.escape(str(summary['protocol']))}</b>; {summary['test_rows']:,} test rows. "
+        "Metrics are means over seeds (std where several). "
         f"Deployed: <b>{html.escape(dep['variant'])}</b> ({html.escape(dep['selected_by'])}).</p>",
         "<h2>Variants</h2>", _table(overview),
         "<h2>Not applicable on this data set</h2>" + (_table(skipped) if len(skipped) else "<p>None: every variant ran.</p>"),
