@@ -1,4 +1,8 @@
-"""APG efficiency (KDD version, Table 5): time and memory of the dense tower per APG version.
+"""APG efficiency: time and memory of the dense tower per APG version.
+
+The set-up is the NeurIPS version's Table 5 (input width 393, K = 4, three hidden
+layers from [64,32,16] to [1024,512,256]); the versions cover both papers' version
+tables (NeurIPS Table 3 / KDD Table 5, which number them differently; see below).
 
 What is measured: the hidden-layer stack alone (the *dense tower*), not a whole CTR
 model. The tower is built by ``dynamic_ctr.models.builder.build_dense`` exactly as
@@ -7,17 +11,25 @@ FeatureSpec with ``embedding_dim=393``, so that ``resolve_config`` checks the ra
 against the real layer widths). Input ``h`` is a random ``(B, 393)`` float tensor;
 the condition is self-wise (z = each layer's own input), K = 4, B = 1024.
 
-Versions (ours; the KDD paper numbers them differently, see models/apg.py):
+Versions (ours = ``apg.version``, numbered as the NeurIPS version's Table 3; the
+last column is the KDD version's Table 5 row computing the same thing):
 
-  base          static MLP tower (Linear -> ReLU per layer)
-  v1            generated full W_i
-  v2            generated U_i, S_i, V_i, W_i reconstructed
-  v3            generated U_i, S_i, V_i, decomposed feed-forward
-  v4            shared U, V, generated S_i (K x K), decomposed (paper's "v3")
-  v5            v4 with over-parameterised U = U^l U^r, V = V^l V^r (P = 32)
-  v5-fold       fold_model(v5): the factors multiplied out (a v4 layer)
-  v5J3          v5 with stack J = 3 factors per shared matrix
-  v5J3-fold     fold_model(v5J3)
+  name        ours                                                       KDD Table 5
+  base        static MLP tower (Linear -> ReLU per layer)                Base
+  v1          generated full W_i                                         v1
+  v2          generated U_i, S_i, V_i; W_i = U_i S_i V_i reconstructed   none (NeurIPS v2)
+  v3          generated U_i, S_i, V_i; decomposed U_i(S_i(V_i x))        v4
+  v4-rec      shared U, V, generated S_i; W_i = U S_i V reconstructed    v2
+              (v4 with ``apg.reconstruct``: v4's function and parameters)
+  v4          shared U, V, generated S_i (K x K); decomposed U(S_i(V x)) v3
+  v5          v4 with over-parameterised U = U^l U^r, V = V^l V^r        v6 (Table 6)
+              (P = 32)
+  v5-fold     fold_model(v5): the factors multiplied out (a v4 layer)
+  v5J3        v5 with stack J = 3 factors per shared matrix              App. F
+  v5J3-fold   fold_model(v5J3)
+
+The KDD version's v2 -> v3 step (reconstructed vs decomposed, same parameters) is
+v4-rec -> v4 here; the NeurIPS version's v2 -> v3 step is v2 -> v3.
 
 Per version and width:
 
@@ -42,7 +54,7 @@ Reported: median over rounds of the per-iteration time, and median of the paired
 per-round ratio to base. ``spread`` is the interquartile range / median of the
 per-iteration times.
 
-v1 and v2 materialise a (B, M, N) tensor per layer; a (version, width) whose analytic
+v1, v2 and v4-rec materialise a (B, M, N) tensor per layer; a (version, width) whose analytic
 hidden memory exceeds ``--max-hidden-mb`` is skipped (printed as "skip") to keep the
 default run within a few minutes on 2 CPU cores.
 
@@ -90,7 +102,7 @@ from dynamic_ctr.models.config import resolve_config  # noqa: E402
 from dynamic_ctr.spec import FeatureSpec, FieldSpec  # noqa: E402
 
 DEFAULT_WIDTHS = "64,32,16;128,64,32;256,128,64;512,256,128;1024,512,256"
-VERSIONS = ("base", "v1", "v2", "v3", "v4", "v5", "v5-fold", "v5J3", "v5J3-fold")
+VERSIONS = ("base", "v1", "v2", "v3", "v4-rec", "v4", "v5", "v5-fold", "v5J3", "v5J3-fold")
 
 
 # ----------------------------------------------------------------------------- contention
@@ -118,6 +130,8 @@ def apg_config(version: str, rank: int) -> dict | None:
     name = version.removesuffix("-fold")
     if name == "v5J3":
         return {"version": "v5", "rank": rank, "width": 32, "stack": 3, "condition": {"mode": "self"}}
+    if name == "v4-rec":  # the KDD version's v2: v4 with W_i reconstructed
+        return {"version": "v4", "rank": rank, "reconstruct": True, "condition": {"mode": "self"}}
     return {"version": name, "rank": rank, "width": 32, "condition": {"mode": "self"}}
 
 
@@ -437,6 +451,13 @@ def main() -> None:
             ri = paired_ratio(v4.infer_ms, base.infer_ms)
             ok = "met" if rt <= 1.2 and ri <= 1.2 else "NOT met"
             print(f"  [{w}] v4 / base <= 1.2: train {rt:.2f}x, infer {ri:.2f}x -> {ok}")
+        rec = cases.get("v4-rec")
+        if rec is not None and rec.train_ms and v4 is not None and v4.train_ms:
+            print(
+                f"  [{w}] decomposed feed-forward (KDD v2 -> v3: v4-rec -> v4, same parameters): "
+                f"v4-rec / v4 train {paired_ratio(rec.train_ms, v4.train_ms):.2f}x, "
+                f"infer {paired_ratio(rec.infer_ms, v4.infer_ms):.2f}x (information, no target)"
+            )
         for folded in ("v5-fold", "v5J3-fold"):
             c = cases.get(folded)
             if c is None or v4 is None or not c.infer_ms or not v4.infer_ms:

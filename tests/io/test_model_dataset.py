@@ -58,6 +58,12 @@ def test_failed_save_leaves_no_version_behind(tmp_path: Path, monkeypatch: pytes
     assert list(version_dir.iterdir()) == []  # no temporary folder left either
 
 
-def test_empty_bundle_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="empty model bundle"):
-        ModelBundleDataset(filepath=str(tmp_path / "m"), version=Version(None, "v1")).save({})
+def test_an_empty_bundle_is_saved_marked_and_loads_empty_but_an_unmarked_one_fails(tmp_path: Path) -> None:
+    """A variant not applicable to a data set saves no models, on purpose and visibly;
+    a version folder without checkpoints and without the marker is still an error."""
+    ModelBundleDataset(filepath=str(tmp_path / "m"), version=Version(None, "v1")).save({})
+    assert (tmp_path / "m" / "v1" / "m" / model_dataset.EMPTY_MARKER).is_file()
+    assert ModelBundleDataset(filepath=str(tmp_path / "m"), version=Version("v1", None)).load() == {}
+    (tmp_path / "n" / "v1" / "n").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no model checkpoints"):
+        ModelBundleDataset(filepath=str(tmp_path / "n"), version=Version("v1", None)).load()

@@ -127,6 +127,36 @@ def test_v2_equals_v3_in_a_full_model(spec, big_batch, mode):
     torch.testing.assert_close(y3, y2, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("generated_bias", [False, True])
+def test_v4_reconstructed_equals_v4_decomposed_layer(generated_bias):
+    """``reconstruct=True`` (the KDD version's v2): W_i = V S_i U built, then applied;
+    v4's parameters and function."""
+    v4 = _layer("v4", generated_bias=generated_bias)
+    rec = _layer("v4", generated_bias=generated_bias, reconstruct=True)
+    rec.load_state_dict(v4.state_dict())  # same structure, same parameters
+    x, z = torch.randn(16, 6), torch.randn(16, 3)
+    y4, yr = v4(x, z), rec(x, z)
+    assert y4.std() > 0.1
+    torch.testing.assert_close(yr, y4, rtol=0, atol=1e-5)
+    g = rec.generate(z)
+    v, u = rec.shared_matrices()
+    bias = g["bias"] if generated_bias else rec.bias
+    w = torch.stack([v @ g["S"][i] @ u for i in range(16)])  # (B, M, N)
+    torch.testing.assert_close(yr, torch.einsum("bm,bmn->bn", x, w) + bias)
+
+
+@pytest.mark.parametrize("mode", ["self", "group"])
+def test_v4_reconstructed_equals_v4_in_a_full_model(spec, big_batch, mode):
+    base = {"version": "v4", "condition": {"mode": mode}}
+    m4 = perturb(build_model(small_config(apg=base), spec), scale=0.05, table_scale=0.5).eval()
+    mr = build_model(small_config(apg={**base, "reconstruct": True}), spec).eval()
+    mr.load_state_dict(m4.state_dict())
+    y4, yr = m4(big_batch), mr(big_batch)
+    assert y4.std() > 0.1, y4.std()
+    torch.testing.assert_close(yr, y4, rtol=0, atol=1e-5)
+    assert mr.config["apg"]["reconstruct"] is True
+
+
 def test_generated_bias_replaces_the_shared_bias():
     layer = _layer("v4", generated_bias=True)
     assert layer.bias is None
@@ -307,6 +337,10 @@ def test_hidden_memory_bytes(spec):
     assert sizes["v5"] == sizes["v4"]  # over-parameterisation costs no activations
     assert sizes["v1"] == b * ((16 * 12 + 12) + (12 * 8 + 8)) * 4  # generated W_i + output
     assert sizes["v2"] > sizes["v3"] > sizes["v4"]  # v2 also materialises W_i (B, M, N)
+    reconstructed = build_model(small_config(apg={"version": "v4", "reconstruct": True}), spec)
+    # v4 with V S_i (B, M, K) and W_i (B, M, N) per layer (as v2) instead of two (B, K)
+    extra = sum(m * 4 + m * n - 2 * 4 for m, n in [(16, 12), (12, 8)])
+    assert hidden_memory_bytes(reconstructed, b) == sizes["v4"] + b * extra * 4
     assert sizes["v1"] > sizes["v4"]
     with pytest.raises(ValueError, match="batch_size"):
         hidden_memory_bytes(static, 0)

@@ -14,6 +14,7 @@ from modelkit import perturb, small_config
 from dynamic_ctr.models import BACKBONES, build_model, count_parameters
 from dynamic_ctr.models.apg import APGTower
 from dynamic_ctr.models.layers import CrossNetV1, CrossNetV2, FactorizationMachine, MLPTower
+from dynamic_ctr.spec import FeatureSpec, FieldSpec
 
 FAMILIES = sorted(BACKBONES)
 APG_V4 = {"version": "v4", "rank": 4}
@@ -72,13 +73,139 @@ def test_cross_net_v2_formula():
     torch.testing.assert_close(net(x0), x)
 
 
-def test_deepfm_adds_fm_term_to_wdl_structure(spec, batch):
+def test_deepfm_fields_option_adds_pooled_fm_to_wdl_structure(spec, batch):
+    """``fm_input="fields"``: the old form, WDL plus an FM over the mean-pooled fields."""
     wdl = build_model(small_config(family="wdl"), spec)
-    deepfm = build_model(small_config(family="deepfm"), spec)
+    deepfm = build_model(small_config(family="deepfm", fm_input="fields"), spec)
     perturb(wdl)
     deepfm.load_state_dict(wdl.state_dict())  # same embedding (with first-order column) and tower
     emb = wdl.embedding(batch)
     torch.testing.assert_close(deepfm(batch), wdl(batch) + FactorizationMachine()(emb))
+
+
+# Two multi-valued fields, so the FM has pairs within genres, within tags and across.
+FM_SPEC = FeatureSpec(
+    fields=(
+        FieldSpec("user", "categorical", vocab_size=7, source="user"),
+        FieldSpec("item", "categorical", vocab_size=6, source="item"),
+        FieldSpec("genres", "sequence", vocab_size=6, max_len=3, source="item"),
+        FieldSpec("tags", "sequence", vocab_size=9, max_len=4, source="item"),
+    ),
+    user_field="user",
+    item_field="item",
+)
+# columns: user | item | genres__0..2 | tags__0..3 (0 = pad)
+FM_BATCH = torch.tensor(
+    [
+        [2, 3, 2, 4, 5, 3, 7, 8, 0],  # 3 genres, 3 tags
+        [4, 2, 3, 0, 0, 0, 0, 0, 0],  # 1 genre, no tags (all pad)
+        [5, 5, 0, 4, 0, 2, 0, 6, 2],  # pads between values; tag 2 in two slots
+        [1, 1, 5, 3, 2, 8, 7, 6, 5],  # OOV user and item, every slot filled
+        [0, 4, 0, 0, 0, 4, 0, 0, 0],  # categorical pad index: still a feature
+    ]
+)
+
+
+def _active_features(model, x: torch.Tensor) -> list[list[int]]:
+    """Per row, the embedding-table rows of its active features, by a plain loop."""
+    offsets = model.embedding.offsets.tolist()
+    first_sequence_slot = len(FM_SPEC.categorical)
+    return [
+        [
+            offsets[s] + int(v)
+            for s, v in enumerate(row)
+            if s < first_sequence_slot or int(v) != 0  # sequence pad slots are no feature
+        ]
+        for row in x
+    ]
+
+
+def _deepfm(**overrides: object) -> torch.nn.Module:
+    config = small_config(family="deepfm", **overrides)
+    return perturb(build_model(config, FM_SPEC), table_scale=0.5).double().eval()
+
+
+def test_deepfm_fm_runs_over_every_active_feature():
+    """Default FM = sum over ALL pairs of active features (Rendle), pairs within one
+    multi-valued field included; first-order term = sum of their weights."""
+    model = _deepfm()
+    assert model.fm_input == "features"
+    table = model.embedding.table.weight.detach()  # (V, D + 1): embedding | weight
+    v, w = table[:, :-1], table[:, -1]
+    fm, linear = [], []
+    for rows in _active_features(model, FM_BATCH):
+        fm.append(
+            sum(
+                (v[rows[i]] @ v[rows[j]]).item()
+                for i in range(len(rows))
+                for j in range(i + 1, len(rows))
+            )
+        )
+        linear.append(sum(w[r].item() for r in rows) + model.embedding.bias.item())
+    fm_t, linear_t = torch.tensor(fm, dtype=table.dtype), torch.tensor(linear, dtype=table.dtype)
+    emb, got_linear, total, sq_norms = model.embedding.with_features(FM_BATCH)
+    torch.testing.assert_close(model.fm.from_sums(total, sq_norms), fm_t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_linear, linear_t, rtol=0, atol=1e-5)
+    # the dense part still reads the mean-pooled fields
+    torch.testing.assert_close(emb, model.embedding(FM_BATCH), rtol=0, atol=1e-12)
+    expected = linear_t + fm_t + model.deep(model.embedding(FM_BATCH))
+    torch.testing.assert_close(model(FM_BATCH), expected, rtol=0, atol=1e-5)
+    # and it differs from the pooled form on rows with a multi-valued field
+    pooled = _deepfm(fm_input="fields")
+    pooled.load_state_dict(model.state_dict())
+    assert not torch.allclose(pooled(FM_BATCH)[[0, 2, 3]], model(FM_BATCH)[[0, 2, 3]])
+
+
+def test_deepfm_fields_option_is_the_pooled_form():
+    """``fm_input="fields"`` = FM over the mean-pooled fields + mean weight per field."""
+    model = _deepfm(fm_input="fields")
+    table = model.embedding.table.weight.detach()
+    offsets = model.embedding.offsets.tolist()
+    fields = [(0, 1), (1, 2), (2, 5), (5, 9)]  # slot ranges of user, item, genres, tags
+    expected = []
+    for row in FM_BATCH:
+        pooled = []
+        for start, end in fields:
+            rows = [offsets[s] + int(row[s]) for s in range(start, end)]
+            if end - start > 1:  # sequence: mean over non-pad slots, zero if none
+                rows = [r for s, r in zip(range(start, end), rows) if int(row[s]) != 0]
+            pooled.append(
+                sum((table[r] for r in rows), torch.zeros_like(table[0])) / max(1, len(rows))
+            )
+        fm = sum(
+            (pooled[i][:-1] @ pooled[j][:-1]).item() for i in range(4) for j in range(i + 1, 4)
+        )
+        expected.append(fm + sum(p[-1].item() for p in pooled) + model.embedding.bias.item())
+    expected_t = torch.tensor(expected, dtype=table.dtype)
+    expected_t += model.deep(model.embedding(FM_BATCH))
+    torch.testing.assert_close(model(FM_BATCH), expected_t, rtol=0, atol=1e-5)
+
+
+def test_fm_forms_agree_without_multi_valued_fields():
+    spec = FeatureSpec((FieldSpec("a", "categorical", 5), FieldSpec("b", "categorical", 4)))
+    features = perturb(build_model(small_config(family="deepfm", embedding_dim=3), spec)).eval()
+    fields = build_model(small_config(family="deepfm", embedding_dim=3, fm_input="fields"), spec)
+    fields.load_state_dict(features.state_dict())
+    x = torch.tensor([[1, 2], [4, 3], [0, 0]])
+    torch.testing.assert_close(features(x), fields.eval()(x))
+
+
+def test_deepfm_features_gradients_skip_pad_rows(spec):
+    model = perturb(build_model(small_config(family="deepfm"), spec))
+    model(torch.tensor([[2, 3, 2, 4, 0, 5, 0]])).sum().backward()
+    grad = model.embedding.table.weight.grad
+    assert torch.all(grad[22] == 0)  # genres pad row
+    assert torch.all(grad[26] != 0) and torch.all(grad[27] != 0)  # genres 4 and 5
+
+
+def test_checkpoint_config_without_fm_input_builds_the_default(spec, batch):
+    """Configs saved before ``fm_input`` existed build the feature-level FM."""
+    model = perturb(build_model(small_config(family="deepfm"), spec))
+    old = {k: v for k, v in model.config.items() if k != "fm_input"}
+    rebuilt = build_model(json.loads(json.dumps(old)), spec)
+    assert rebuilt.config["fm_input"] == "features" and rebuilt.fm_input == "features"
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(batch), model(batch), rtol=0, atol=0)
 
 
 # --- config contract -----------------------------------------------------------------
@@ -113,6 +240,8 @@ BAD_CONFIGS = [
     ({"dropout": 1.5}, "dropout"),
     ({"batch_norm": "yes"}, "batch_norm"),
     ({"cross_layers": 0}, "cross_layers"),
+    ({"fm_input": "slots"}, "fm_input"),
+    ({"family": "deepfm", "fm_input": None}, "fm_input"),
     ({"apg": {"verison": "v4"}}, "apg.verison"),
     ({"apg": {"version": "v9"}}, "apg.version"),
     ({"apg": {"rank": 9}}, "apg.rank"),  # min(d_in=16, 12, 8) = 8 for the last layer
@@ -121,6 +250,9 @@ BAD_CONFIGS = [
     ({"apg": {"version": "v4", "stack": 3}}, "apg.stack"),
     ({"apg": {"width": 0}}, "apg.width"),
     ({"apg": {"generator_layers": 0}}, "apg.generator_layers"),
+    ({"apg": {"version": "v3", "reconstruct": True}}, "apg.reconstruct"),
+    ({"apg": {"version": "v5", "reconstruct": True}}, "apg.reconstruct"),
+    ({"apg": {"reconstruct": 1}}, "apg.reconstruct"),
     ({"apg": {"condition": {"mode": "team"}}}, "apg.condition.mode"),
     ({"apg": {"condition": {"mode": "self", "combine": "mean"}}}, "apg.condition.combine"),
     (

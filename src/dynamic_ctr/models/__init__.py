@@ -32,6 +32,11 @@ Config (``build_model``; keys and defaults, all JSON-able)::
       "dropout": 0.0,
       "batch_norm": false,
       "cross_layers": 3,            # dcn / dcnv2
+      "fm_input": "features",       # deepfm: features (Rendle: FM and first-order
+                                    #   term over every active feature, each value of
+                                    #   a multi-valued field its own feature, pad slots
+                                    #   none) | fields (the mean-pooled fields and the
+                                    #   mean first-order weight per field)
       "seed": 0,                    # parameter init
       "folded": false,              # set by fold_model
       "apg": null | {               # APG in every hidden layer of the dense tower
@@ -42,6 +47,7 @@ Config (``build_model``; keys and defaults, all JSON-able)::
         "generator_layers": 1,
         "generator_hidden": 64,
         "generated_bias": false,
+        "reconstruct": false,       # v4: build W_i = V S_i U, then apply it (KDD v2)
         "condition": {
           "mode": "self",           # self | group | mix
           "fields": [],             # group: [user_field]; mix: [user, item] by default

@@ -10,7 +10,9 @@ The paper's column form ``y = U S V x`` (U: N x K, V: K x M) is here
 ``y = x V S U`` with ``V (M, K)``, ``S (K, K)``, ``U (K, N)``.
 
 Versions (numbered as in the NeurIPS version's Table 3; the KDD version's Table 5
-orders them differently and calls over-parameterisation "v6", stacking "v7/v8"):
+numbers them differently: its v1 is v1, its v2 is v4 with ``reconstruct``, its v3 is
+v4, its v4 is v3, and it calls over-parameterisation "v6", stacking "v7/v8"; our v2
+has no KDD row):
 
 * ``v1`` ``W_i x``: G emits the full ``W_i (M, N)`` (Eq. 3).
 * ``v2`` ``(U_i S_i V_i) x``: G emits V_i, S_i, U_i (Eq. 5), ``W_i`` is reconstructed
@@ -18,7 +20,9 @@ orders them differently and calls over-parameterisation "v6", stacking "v7/v8"):
 * ``v3`` ``U_i (S_i (V_i x))``: same generation as v2, decomposed feed-forward
   (Eq. 6, Figure 4): x goes through V_i, S_i, U_i in turn; W_i is never built.
 * ``v4`` ``U (S_i (V x))``: U, V shared (learned), only ``S_i (K, K)`` generated
-  (Eq. 7-8), decomposed feed-forward.
+  (Eq. 7-8), decomposed feed-forward. ``apg.reconstruct=True`` computes the same
+  function in v2's order, ``(U S_i V) x`` with ``W_i`` reconstructed: the KDD
+  version's Table-5 "v2" (which has no NeurIPS counterpart), for the benchmark.
 * ``v5`` v4 with over-parameterised ``U = U^l U^r``, ``V = V^l V^r`` of inner width
   P (Eq. 9-10); ``stack=J`` uses J factors (Appendix F, Eq. 11). ``fold_model``
   multiplies the factors out, giving a v4 layer with the same output.
@@ -46,12 +50,14 @@ from dynamic_ctr.models.layers import HiddenActivation
 from dynamic_ctr.spec import FeatureSpec
 
 __all__ = [
+    "GENERATED_DEVIATION",
     "APGLinear",
     "APGLinearConfig",
     "APGTower",
     "Generator",
     "GeneratorConfig",
     "MixOutputGenerator",
+    "static_init_stds",
 ]
 
 
@@ -179,16 +185,50 @@ class APGLinearConfig:
         return out
 
 
-def _xavier_std(rows: int, cols: int) -> float:
-    return math.sqrt(2.0 / (rows + cols))
+#: Relative std of the generated part at init, for a unit-scale condition z: the
+#: generated ``W_i`` (or bias) is the static one plus a z-dependent deviation whose
+#: variance is ``GENERATED_DEVIATION^2`` times the static entries' (split evenly over
+#: v2/v3's three generated factors). Small, so the layer starts at the static
+#: layer's scale whatever z's scale is (embeddings start near zero, self-wise inputs
+#: near unit scale).
+GENERATED_DEVIATION = 0.3
+
+
+def static_init_stds(d_in: int, rank: int) -> dict[str, float]:
+    """RMS of the static (z-independent) init of each block of an APG layer with
+    input width ``M = d_in`` and rank ``K``.
+
+    The layer starts as the static layer it replaces: ``layers.MLPTower``'s
+    ``nn.Linear`` with torch's default init draws ``W`` and ``b`` from
+    ``U(-1/sqrt(M), 1/sqrt(M))``, entries of variance ``1/(3M)``. The low-rank form
+    matches it with ``V ~ N(0, 1/M)`` (``x V`` keeps x's scale), ``S = I`` and
+    ``U ~ N(0, 1/(3K))``: ``W = V S U`` has entries of variance
+    ``K * 1/M * 1/(3K) = 1/(3M)``, so ``x W`` has, in expectation over the init, the
+    static layer's scale for any x. ``S``'s entry is the RMS of the identity.
+
+    Returns:
+        ``{"W", "V", "S", "U", "bias"}`` -> std (``"S"``: ``1/sqrt(K)``).
+    """
+    static = 1.0 / math.sqrt(3 * d_in)
+    return {
+        "W": static,
+        "V": 1.0 / math.sqrt(d_in),
+        "S": 1.0 / math.sqrt(rank),
+        "U": 1.0 / math.sqrt(3 * rank),
+        "bias": static,
+    }
 
 
 class APGLinear(nn.Module):
     """An APG linear map, ``x (B, M), z (B, C) -> (B, N)`` (no activation).
 
-    Init: G's output bias holds a static layer (xavier ``W``/``U``/``V``, ``S = I``,
-    zero bias) and G's output weight is scaled so that the generated part starts
-    as a small, z-dependent deviation from it.
+    Init: the layer starts as the static layer it replaces (:func:`static_init_stds`:
+    ``W``, ``V S U`` and the bias have ``nn.Linear``'s default scale; ``S = I``).
+    G's output bias holds that static layer (the same for every generator of
+    mix-wise output aggregation) and G's output weight is scaled so that the
+    generated part is a z-dependent deviation of relative std
+    ``GENERATED_DEVIATION`` for a unit-scale z. Shared U, V (and their v5 factors)
+    and the shared bias get the same static init.
 
     Args:
         cfg: the layer config.
@@ -223,24 +263,32 @@ class APGLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         cfg = self.cfg
-        m, n, k = cfg.d_in, cfg.d_out, cfg.rank
+        m, k = cfg.d_in, cfg.rank
+        std = static_init_stds(m, k)
+        bound = 1.0 / math.sqrt(m)  # nn.Linear's default: U(-1/sqrt(M), 1/sqrt(M))
         static = {
-            "W": (torch.nn.init.xavier_normal_, _xavier_std(m, n)),
-            "V": (torch.nn.init.xavier_normal_, _xavier_std(m, k)),
-            "S": (torch.nn.init.eye_, 1.0 / math.sqrt(k)),
-            "U": (torch.nn.init.xavier_normal_, _xavier_std(k, n)),
-            "bias": (torch.nn.init.zeros_, 1.0 / math.sqrt(m)),
+            "W": functools.partial(nn.init.uniform_, a=-bound, b=bound),
+            "V": functools.partial(nn.init.normal_, std=std["V"]),
+            "S": nn.init.eye_,
+            "U": functools.partial(nn.init.normal_, std=std["U"]),
+            "bias": functools.partial(nn.init.uniform_, a=-bound, b=bound),
         }
         for module in self.generator.modules():
             if module is not self.generator and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         # one static layer, shared by all generators (mix-wise output aggregation has G)
         static_bias = torch.cat(
-            [static[name][0](torch.empty(shape)).flatten() for name, shape in cfg.blocks]
+            [static[name](torch.empty(shape)).flatten() for name, shape in cfg.blocks]
         )
+        # deviation std per block: GENERATED_DEVIATION of the static RMS, split evenly
+        # over the factors of W_i (v2/v3 generate three) so W_i deviates by about that
+        factors = sum(1 for name, _ in cfg.blocks if name != "bias")
         row_std = torch.cat(
             [
-                torch.full((size,), static[name][1])
+                torch.full(
+                    (size,),
+                    std[name] * GENERATED_DEVIATION / math.sqrt(1 if name == "bias" else factors),
+                )
                 for (name, _), size in zip(cfg.blocks, self._block_sizes)
             ]
         )
@@ -251,10 +299,10 @@ class APGLinear(nn.Module):
                 scale = (row_std / math.sqrt(out.in_features)).to(noise).unsqueeze(1)  # (Q, 1)
                 out.weight.copy_(noise * scale)
         if self.shared:
-            self._init_factors(self.V_factors, _xavier_std(m, k))
-            self._init_factors(self.U_factors, _xavier_std(k, n))
+            self._init_factors(self.V_factors, std["V"])
+            self._init_factors(self.U_factors, std["U"])
         if self.bias is not None:
-            nn.init.zeros_(self.bias)
+            static["bias"](self.bias)
 
     @staticmethod
     def _init_factors(factors: nn.ParameterList, target_std: float) -> None:
@@ -307,11 +355,26 @@ class APGLinear(nn.Module):
             return tp[:, :k], self._blocks(tp[:, k:])
         return x @ v, self.generate(z)
 
+    @staticmethod
+    def _apply_reconstructed(x: Tensor, v: Tensor, s: Tensor, u: Tensor) -> Tensor:
+        """``x W_i`` with ``W_i = V S_i U (B, M, N)`` built first (two batched matmuls).
+
+        ``v``: ``(B, M, K)`` generated or ``(M, K)`` shared; ``s`` ``(B, K, K)``;
+        ``u``: ``(B, K, N)`` or ``(K, N)``. Returns ``(B, N)``.
+        """
+        w = torch.matmul(torch.matmul(v, s), u)  # (B, M, N) reconstructed W_i
+        return torch.bmm(x.unsqueeze(1), w).squeeze(1)  # (B, N)
+
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """``x (B, M)``, ``z (B, C)`` (or ``(B, G, C)``) -> ``(B, N)``."""
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
             raise ValueError(f"x must be (B, {self.cfg.d_in}), got {tuple(x.shape)}")
         version = self.cfg.apg.version
+        if self.shared and self.cfg.apg.reconstruct:  # the KDD version's v2
+            v, u = self.shared_matrices()  # (M, K), (K, N)
+            g = self.generate(z)
+            bias = g["bias"] if self.bias is None else self.bias
+            return self._apply_reconstructed(x, v, g["S"], u) + bias  # (B, N)
         if self.shared:
             v, u = self.shared_matrices()  # (M, K), (K, N)
             t, g = self._project_and_generate(x, z, v)  # (B, K)
@@ -322,8 +385,7 @@ class APGLinear(nn.Module):
         if version == "v1":
             y = torch.bmm(x.unsqueeze(1), g["W"]).squeeze(1)  # (B, N)
         elif version == "v2":
-            w = torch.bmm(torch.bmm(g["V"], g["S"]), g["U"])  # (B, M, N) reconstructed W_i
-            y = torch.bmm(x.unsqueeze(1), w).squeeze(1)  # (B, N)
+            y = self._apply_reconstructed(x, g["V"], g["S"], g["U"])  # (B, N)
         else:  # v3
             t = torch.bmm(x.unsqueeze(1), g["V"])  # (B, 1, K)
             t = torch.bmm(t, g["S"])  # (B, 1, K)
@@ -338,7 +400,7 @@ class APGLinear(nn.Module):
         version = self.cfg.apg.version
         if version == "v1":
             extra = 0
-        elif version == "v2":
+        elif version == "v2" or self.cfg.apg.reconstruct:
             extra = b * (m * k + m * n)  # V_i S_i and the reconstructed W_i
         else:
             extra = 2 * b * k  # the two (B, K) steps of the decomposed feed-forward

@@ -8,7 +8,9 @@ backbone needs no backbone code. E = F * D is the flattened embedding width::
     x (B, S) -> FieldEmbedding -> emb (B, F, D) -> flat (B, E)
       DNN:    dense(flat) -> Linear(H, 1)
       WDL:    first-order(x) + dense(flat) -> Linear(H, 1)   (one table: emb | weight)
-      DeepFM: first-order(x) + FM(emb) + dense(flat) -> Linear(H, 1)
+      DeepFM: first-order(x) + FM(x) + dense(flat) -> Linear(H, 1)
+              (fm_input "features": FM and first-order term over every active
+              feature; "fields": over the mean-pooled fields)
       DCN:    [CrossNetV1(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
       DCNv2:  [CrossNetV2(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
 """
@@ -34,8 +36,10 @@ class EmbeddingWithFirstOrder(FieldEmbedding):
     The table has ``D + 1`` columns; the last holds each value's first-order weight, so
     the deep and the wide parts share one lookup (and one backward) per batch.
     ``forward(x)`` gives the ``(B, F, D)`` embeddings like any :class:`FieldEmbedding`;
-    :meth:`with_first_order` also gives the ``(B,)`` linear term. Sequence fields
-    contribute the mean weight of their values, as their embeddings are mean-pooled.
+    :meth:`with_first_order` also gives the ``(B,)`` linear term, in which sequence
+    fields contribute the mean weight of their values, as their embeddings are
+    mean-pooled; :meth:`with_features` gives Rendle's feature-level linear term (the
+    sum of the weights of ALL active features) and the FM's feature sums instead.
 
     Args:
         spec: the feature spec.
@@ -62,6 +66,20 @@ class EmbeddingWithFirstOrder(FieldEmbedding):
         """``x (B, S) -> (emb (B, F, D), linear (B,))`` from one lookup."""
         both = super().forward(x)  # (B, F, D + 1)
         return both[..., :-1], both[..., -1].sum(dim=1) + self.bias
+
+    def with_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Feature-level terms from one lookup (``FieldEmbedding.with_feature_sums``).
+
+        Args:
+            x: ``(B, S)`` int64 local indices.
+
+        Returns:
+            ``emb (B, F, D)`` (mean-pooled fields, for the dense part), ``linear (B,)``
+            ``= b + sum_i w_i`` over every active feature i, and the FM's sums
+            ``total (B, D) = sum_i v_i`` and ``sq_norms (B,) = sum_i ||v_i||^2``.
+        """
+        both, total, sq_norms = self.with_feature_sums(x, norm_columns=self.dim - 1)
+        return both[..., :-1], total[:, -1] + self.bias, total[:, :-1], sq_norms
 
 
 class DNN(nn.Module):
@@ -101,11 +119,14 @@ class WDL(nn.Module):
         self.dense = dense
         self.head = nn.Linear(dense.out_dim, 1)
 
+    def deep(self, emb: Tensor) -> Tensor:
+        """``emb (B, F, D) -> (B,)``: the deep part's logit."""
+        return self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
+
     def wide_and_deep(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x (B, S) -> (emb (B, F, D), wide + deep logits (B,))``."""
         emb, wide = self.embedding.with_first_order(x)  # (B, F, D), (B,)
-        deep = self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
-        return emb, wide + deep
+        return emb, wide + self.deep(emb)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
@@ -113,11 +134,18 @@ class WDL(nn.Module):
 
 
 class DeepFM(WDL):
-    """DeepFM (Guo et al., 2017, https://arxiv.org/abs/1703.04247): WDL's first-order and
-    deep parts plus an FM over the same field embeddings.
+    """DeepFM (Guo et al., 2017, https://arxiv.org/abs/1703.04247): a first-order term,
+    an FM and a DNN part sharing one embedding table (WDL's, with its first-order column).
+
+    ``fm_input="features"`` (default): the FM is Rendle's, over every active feature,
+    ``sum_{i<j} <v_i, v_j>`` with each value of a multi-valued field a feature of its
+    own (pairs within a field included, pad slots excluded), and the first-order term
+    is ``b + sum_i w_i`` over the same features. ``fm_input="fields"``: both run over
+    the mean-pooled fields (WDL's first-order term plus an FM over the DNN part's
+    ``(B, F, D)`` input). The DNN part reads the mean-pooled fields either way.
 
     Args:
-        cfg: model config (``embedding_dim``).
+        cfg: model config (``embedding_dim``, ``fm_input``).
         spec: the feature spec.
         dense: the DNN part's tower.
     """
@@ -125,11 +153,15 @@ class DeepFM(WDL):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
         super().__init__(cfg, spec, dense)
         self.fm = FactorizationMachine()
+        self.fm_input = cfg.fm_input
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
-        emb, logits = self.wide_and_deep(x)  # (B, F, D), (B,)
-        return logits + self.fm(emb)
+        if self.fm_input == "fields":
+            emb, logits = self.wide_and_deep(x)  # (B, F, D), (B,)
+            return logits + self.fm(emb)
+        emb, linear, total, sq_norms = self.embedding.with_features(x)  # (B,F,D) (B,) (B,D) (B,)
+        return linear + self.fm.from_sums(total, sq_norms) + self.deep(emb)
 
 
 class DCN(nn.Module):

@@ -21,6 +21,7 @@ __all__ = [
     "APG_VERSIONS",
     "COMBINES",
     "FAMILIES",
+    "FM_INPUTS",
     "APGConfig",
     "ConditionConfig",
     "ModelConfig",
@@ -34,6 +35,7 @@ APG_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 CONDITION_MODES = ("self", "group", "mix")
 AGGREGATIONS = ("input", "output")
 COMBINES = ("concat", "mean", "attention")
+FM_INPUTS = ("features", "fields")
 
 
 def _is_int(value: Any) -> bool:
@@ -129,6 +131,10 @@ class APGConfig:
             paper's default).
         generator_hidden: hidden width of G when ``generator_layers > 1``.
         generated_bias: the generator also emits the layer bias (else a shared bias).
+        reconstruct: v4 only: build ``W_i = V S_i U (B, M, N)`` per instance, then
+            apply it, instead of the decomposed ``U(S_i(V x))``. The same function and
+            parameters as v4, computed in v2's order: the KDD version's Table-5 "v2"
+            (``benchmarks/apg_table5.py``); slower, never needed for training.
         condition: see :class:`ConditionConfig`.
     """
 
@@ -139,6 +145,7 @@ class APGConfig:
     generator_layers: int = 1
     generator_hidden: int = 64
     generated_bias: bool = False
+    reconstruct: bool = False
     condition: ConditionConfig = field(default_factory=ConditionConfig)
 
     def __post_init__(self) -> None:
@@ -155,6 +162,9 @@ class APGConfig:
         _check_int("apg.generator_layers", self.generator_layers, 1)
         _check_int("apg.generator_hidden", self.generator_hidden, 1)
         _check_bool("apg.generated_bias", self.generated_bias)
+        _check_bool("apg.reconstruct", self.reconstruct)
+        if self.reconstruct and self.version != "v4":
+            raise ValueError(f"apg.reconstruct=True needs version 'v4', not {self.version!r}")
         if not isinstance(self.condition, ConditionConfig):
             message = f"apg.condition={self.condition!r} must be a ConditionConfig"
             raise ValueError(message)  # noqa: TRY004
@@ -180,6 +190,14 @@ class ModelConfig:
         dropout: dropout after each hidden layer (0 = none).
         batch_norm: BatchNorm1d after each hidden linear map (before the ReLU).
         cross_layers: cross layers of ``dcn``/``dcnv2`` (ignored by other families).
+        fm_input: what ``deepfm``'s FM and first-order terms run over (ignored by other
+            families). ``"features"`` (default, Rendle 2010): every active feature,
+            each value of a multi-valued field its own feature with x = 1 (pad slots
+            contribute nothing), so the FM has the pairs within a field too and the
+            first-order term sums the weights of all values. ``"fields"``: the
+            mean-pooled field embeddings and the mean first-order weight per field
+            (the DNN part's input; the behaviour before this key existed). The two
+            agree when every field is single-valued.
         apg: None for a static dense tower, else every hidden linear map is an APG layer.
         seed: seed of the parameter init (``build_model`` does not touch the global RNG).
         folded: set by ``fold_model``: deployment form (v5 factors multiplied out,
@@ -192,6 +210,7 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = False
     cross_layers: int = 3
+    fm_input: str = "features"
     apg: APGConfig | None = None
     seed: int = 0
     folded: bool = False
@@ -212,6 +231,7 @@ class ModelConfig:
             raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
         _check_bool("batch_norm", self.batch_norm)
         _check_int("cross_layers", self.cross_layers, 1)
+        _check_choice("fm_input", self.fm_input, FM_INPUTS)
         _check_int("seed", self.seed, 0)
         _check_bool("folded", self.folded)
         if self.folded and (

@@ -4,6 +4,10 @@ All fields share ONE ``nn.Embedding`` of ``V = sum(f.vocab_size)`` rows; a
 registered ``(S,)`` offset buffer maps every slot's local index to its field's rows,
 so a batch is embedded by a single lookup. Sequence fields are mean-pooled over
 their non-pad slots (an all-pad row pools to the zero vector).
+
+:meth:`FieldEmbedding.with_feature_sums` also gives, from the same single lookup,
+the sums over every active *feature* (each categorical slot and each non-pad slot of
+a sequence field) that a feature-level FM needs (Rendle, 2010).
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ class FieldEmbedding(nn.Module):
             persistent=False,
         )
         self.register_buffer("is_sequence_slot", self.slot_field >= self.num_categorical, persistent=False)
+        self.register_buffer(
+            "slot_onehot",
+            nn.functional.one_hot(self.slot_field, len(ordered)).t().to(torch.get_default_dtype()),
+            persistent=False,
+        )  # (F, S): 1 where slot s belongs to field f
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,23 +106,71 @@ class FieldEmbedding(nn.Module):
             raise ValueError(f"no field {name!r}; fields are {list(self.field_names)}")
         return self.field_names.index(name)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, S)`` int64 local indices -> ``(B, F, D)``."""
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.num_slots:
             raise ValueError(f"x must be (B, {self.num_slots}), got {tuple(x.shape)}")
+
+    def _slot_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (B, S)`` -> ``(active (B, S), pool (B, S))``.
+
+        ``active`` is 1 on every active feature (categorical slots, non-pad sequence
+        slots) and 0 on pad slots of sequence fields; ``pool`` weighs each slot into
+        its field's mean (categorical 1, sequence 1/count on non-pad slots, so an
+        all-pad row pools to zero).
+        """
+        nonpad = (x != PAD_INDEX).to(self.table.weight.dtype)  # (B, S)
+        active = torch.where(self.is_sequence_slot, nonpad, 1.0)  # (B, S)
+        counts = nonpad.new_zeros(x.shape[0], self.num_fields)
+        counts.index_add_(1, self.slot_field, nonpad)  # (B, F): non-pad slots per field
+        per_slot = counts.index_select(1, self.slot_field).clamp_min(1.0)  # (B, S)
+        return active, active / torch.where(self.is_sequence_slot, per_slot, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, S)`` int64 local indices -> ``(B, F, D)``."""
+        self._check_input(x)
         if not self._sequence_slices:
             return self.table(x + self.offsets)  # (B, S=F, D)
         # One embedding_bag for all fields: a categorical slot is a bag of one with
         # weight 1; a sequence field's slots form one bag weighted 1/count on non-pad
         # slots (mean pooling; an all-pad row pools to zero).
         b = x.shape[0]
-        nonpad = (x != PAD_INDEX).to(self.table.weight.dtype)  # (B, S)
-        counts = nonpad.new_zeros(b, self.num_fields).index_add_(1, self.slot_field, nonpad)  # (B, F)
-        per_slot = counts.index_select(1, self.slot_field).clamp_min(1.0)  # (B, S)
-        weights = torch.where(self.is_sequence_slot, nonpad / per_slot, 1.0)  # (B, S)
+        _, weights = self._slot_weights(x)  # (B, S)
         starts = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_slots + self.field_start).reshape(-1)
         pooled = nn.functional.embedding_bag(
             (x + self.offsets).reshape(-1), self.table.weight, starts, mode="sum",
             per_sample_weights=weights.reshape(-1),
         )  # (B*F, D)
         return pooled.view(b, self.num_fields, self.dim)  # (B, F, D)
+
+    def with_feature_sums(
+        self, x: Tensor, norm_columns: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Field embeddings and sums over every active feature, from ONE lookup.
+
+        A feature is one categorical slot or one non-pad slot of a sequence field:
+        each value of a multi-valued field counts on its own, with x = 1 (a value in
+        two slots of a row counts twice); pad slots of sequence fields are none.
+        The mean-pooled fields and the feature sum come out of one batched matmul of
+        the looked-up rows with a ``(B, F + 1, S)`` slot-weight matrix.
+
+        Args:
+            x: ``(B, S)`` int64 local indices.
+            norm_columns: leading columns counted in ``sq_norms`` (default all D).
+
+        Returns:
+            ``emb (B, F, D)`` (what :meth:`forward` gives), ``total (B, D) = sum_i v_i``
+            and ``sq_norms (B,) = sum_i ||v_i[:norm_columns]||^2`` over the active
+            features i of each row.
+        """
+        self._check_input(x)
+        rows = self.table(x + self.offsets)  # (B, S, D)
+        active, weights = self._slot_weights(x)  # (B, S), (B, S)
+        slot_weights = torch.cat(
+            [self.slot_onehot * weights.unsqueeze(1), active.unsqueeze(1)], dim=1
+        )  # (B, F + 1, S): field means, then the sum over active features
+        # In the table's precision, as forward's embedding_bag: under autocast the FM's
+        # difference of two large sums would lose its digits in bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            both = torch.bmm(slot_weights, rows)  # (B, F + 1, D)
+            sq_norms = torch.einsum("bs,bsd->b", active, rows[..., :norm_columns].square())  # (B,)
+        return both[:, :-1], both[:, -1], sq_norms

@@ -54,9 +54,9 @@ def hidden_memory_bytes(model: nn.Module, batch_size: int) -> int:
     Counts, per hidden layer, the ``(B, H)`` output and, for APG layers, the
     generator's activations, the generated parameters (``(B, Q)``; G of them plus
     the combined one for mix-wise output aggregation) and the feed-forward
-    intermediates (v2: ``V_i S_i`` and the reconstructed ``(B, M, N)`` W_i; v3-v5:
-    two ``(B, K)``). Embeddings, cross networks, BatchNorm/activation copies and
-    autograd buffers are not counted. Element size is that of the parameters.
+    intermediates (v2 and v4 with ``reconstruct``: ``V_i S_i`` and the
+    reconstructed ``(B, M, N)`` W_i; v3-v5: two ``(B, K)``). Embeddings, cross
+    networks, BatchNorm/activation copies and autograd buffers are not counted. Element size is that of the parameters.
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")

@@ -118,13 +118,20 @@ class CrossNetV2(nn.Module):
 
 
 class FactorizationMachine(nn.Module):
-    """Second-order FM term (Rendle, 2010) over field embeddings.
+    """Second-order FM term (Rendle, 2010): ``sum_{i<j} <v_i, v_j>``.
 
-    ``0.5 * sum_d((sum_f e_fd)^2 - sum_f e_fd^2)``.
+    ``0.5 * (||sum_i v_i||^2 - sum_i ||v_i||^2)``: over field embeddings
+    (``forward``), or over any set of features given its two sums (:meth:`from_sums`,
+    e.g. from ``FieldEmbedding.with_feature_sums``).
     """
 
+    @staticmethod
+    def from_sums(total: Tensor, sq_norms: Tensor) -> Tensor:
+        """``total (B, D) = sum_i v_i``, ``sq_norms (B,) = sum_i ||v_i||^2`` -> ``(B,)``."""
+        return 0.5 * (total.square().sum(dim=1) - sq_norms)  # (B,)
+
     def forward(self, emb: Tensor) -> Tensor:
-        """``emb (B, F, D) -> (B,)``."""
+        """``emb (B, F, D) -> (B,)``: the pairs of fields."""
         square_of_sum = emb.sum(dim=1).square()  # (B, D)
         sum_of_square = emb.square().sum(dim=1)  # (B, D)
         return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)  # (B,)
