@@ -100,3 +100,21 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
     assert "Not applicable on this data set" in report
     for name in skipped:
         assert name in report
+
+
+@pytest.mark.slow
+def test_a_variant_the_data_cannot_run_stops_the_run_before_any_training(project: Path, data_root: Path, monkeypatch) -> None:
+    """`kedro run --env criteo` without its not_applicable declarations: the plan names the
+    three user/item-conditioned variants in one error, and no variant has trained."""
+    params = project / "conf/criteo/parameters.yml"
+    config = yaml.safe_load(params.read_text())
+    del config["apg"]
+    params.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DYNAMIC_CTR_DATA_ROOT", str(data_root))
+    with pytest.raises(Exception, match="3 problem") as caught:
+        with KedroSession.create(project_path=project, env="criteo", runtime_params=SMOKE) as session:
+            session.run()
+    for name in ("wdl_apg_group_user", "wdl_apg_group_item", "wdl_apg_mix"):
+        assert f"- {name}: lacks the field role" in str(caught.value)
+    assert not list((project / "data/06_models").glob("criteo/*/trained_model"))
+    assert (project / "data/05_model_input/criteo/feature_spec.json").is_dir()  # the data pipelines ran

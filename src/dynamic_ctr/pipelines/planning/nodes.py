@@ -97,10 +97,8 @@ def variant_settings(training: dict[str, Any], variant: dict[str, Any]) -> dict[
 
 
 def apply_limits(settings: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
-    """Caps for smoke runs (``training.limits``): trials, epochs, seeds, training rows."""
-    unknown = set(limits) - LIMIT_KEYS
-    if unknown:
-        raise ValueError(f"training.limits has unknown key(s) {sorted(unknown)}; known: {sorted(LIMIT_KEYS)}")
+    """Caps for smoke runs (``training.limits``, checked by :func:`plan_suite`): trials,
+    epochs and seeds here; training rows in the training node."""
     out = copy.deepcopy(settings)
     if limits.get("n_trials"):
         out["study"]["n_trials"] = min(out["study"]["n_trials"], int(limits["n_trials"]))
@@ -196,6 +194,9 @@ def plan_suite(
     defaults = suite_params.get("defaults") or {}
     declared = suite_params.get("not_applicable") or {}
     limits = training.get("limits") or {}
+    unknown = set(limits) - LIMIT_KEYS
+    if unknown:
+        raise SuitePlanError(f"training.limits has unknown key(s) {sorted(unknown)}; known: {sorted(LIMIT_KEYS)}")
     problems: list[str] = []
     added = [n for n in variants if n not in registered]
     if added:
