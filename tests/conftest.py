@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +42,13 @@ def data_root() -> Path:
         pytest.skip(f"{problem}: the external data sets (MovieLens-100K, Criteo, Avazu samples) are not at hand")
     assert root is not None
     return root.resolve()
+
+
+@pytest.fixture
+def single_thread():
+    """Torch on one thread for the duration of a test: tiny modules run fastest (and
+    steadiest on a shared machine) that way."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

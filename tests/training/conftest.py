@@ -137,9 +137,6 @@ def splits(spec):
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
+def _single_thread(single_thread):
     """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(previous)
