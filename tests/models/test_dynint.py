@@ -268,3 +268,44 @@ def test_rank_is_only_checked_where_used_and_input_shape_is_checked():
         PolynomialInteraction(F, D)(torch.randn(B, F, D + 1))
     with pytest.raises(ValueError, match="mode"):
         FoldedPolynomialInteraction(PolynomialInteraction(F, D, mode="static"))
+
+
+# ------------------------------------------------------------ as a CTR model (family xdeepint)
+
+
+@pytest.mark.parametrize("mode", ["static", "da", "dgp", "dwp"])
+def test_xdeepint_builds_folds_and_rebuilds_from_its_config(mode, spec, batch) -> None:
+    from dynamic_ctr.models import build_model, fold_model
+
+    config = {"family": "xdeepint", "embedding_dim": 8,
+              "dynint": {"mode": mode, "layers": 2, "subspaces": 2, "rank": 3, "orthogonal_rate": 0.1}}
+    model = build_model(config, spec).eval()
+    x = batch
+    logits = model(x)
+    assert logits.shape == (x.shape[0],) and torch.isfinite(logits).all()
+    folded = fold_model(model)
+    assert folded.config["folded"] is True
+    torch.testing.assert_close(folded(x), logits, atol=1e-5, rtol=0)
+    rebuilt = build_model(folded.config, spec)  # the serving structure, from the config alone
+    rebuilt.load_state_dict(folded.state_dict())
+    torch.testing.assert_close(rebuilt(x), logits, atol=1e-5, rtol=0)
+    penalty = model.penalty()
+    assert (penalty is None) == (mode in ("static", "da"))
+    if penalty is not None:
+        assert penalty.item() > 0 and folded.penalty() is None
+
+
+def test_xdeepint_caps_the_rank_at_what_the_fields_allow_and_checks_its_config(spec) -> None:
+    from dynamic_ctr.models import build_model
+
+    model = build_model({"family": "xdeepint", "embedding_dim": 8, "dynint": {"mode": "dgp", "subspaces": 1, "rank": 999}}, spec)
+    assert model.pin.rank == len(spec.fields)  # K <= F * h
+    for bad, match in (
+        ({"family": "xdeepint", "embedding_dim": 8, "dynint": {"subspaces": 3}}, "dynint.subspaces=3 must divide"),
+        ({"family": "xdeepint"}, "needs a dynint config"),
+        ({"family": "wdl", "dynint": {}}, "only it takes one"),
+        ({"family": "xdeepint", "dynint": {"mode": "dgpp"}}, "dynint.mode"),
+        ({"family": "xdeepint", "dynint": {"orthogonal_rate": -1}}, "dynint.orthogonal_rate"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build_model(bad, spec)

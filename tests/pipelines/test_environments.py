@@ -20,7 +20,7 @@ import yaml
 from formats import write_grouplens_100k, write_ijcai18, write_ml1m
 from kedro.framework.session import KedroSession
 
-from dynamic_ctr.pipelines.suite import suite_variant_names
+from dynamic_ctr.pipelines.suite import DEFAULT_SUITES, SUITES, suite_variant_names
 
 PROJECT = Path(__file__).resolve().parents[2]
 SMOKE = {
@@ -46,10 +46,10 @@ def _dataset_folder(env: str) -> str:
     return yaml.safe_load((PROJECT / "conf/base/globals.yml").read_text())["dataset"]
 
 
-def _declared_not_applicable(env: str) -> set[str]:
+def _declared_not_applicable(env: str, suite: str) -> set[str]:
     path = PROJECT / "conf" / env / "parameters.yml"
     params = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return set(((params or {}).get("apg") or {}).get("not_applicable") or {})
+    return set(((params or {}).get(suite) or {}).get("not_applicable") or {})
 
 
 def _latest(root: Path, relative: str) -> Path:
@@ -75,17 +75,22 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
             WRITERS[env](data_root / ML100K, root)
             data_root = root
         monkeypatch.setenv("DYNAMIC_CTR_DATA_ROOT", str(data_root))
-    # `kedro run --env <env>` (the default env is `local`), the APG suite named once
-    pipelines = ["apg"] if env == "local" else None
+    # `kedro run --env <env>` (the default env is `local`); there, each suite's pipeline by name
+    pipelines = list(SUITES) if env == "local" else None
     with KedroSession.create(project_path=project, env=env, runtime_params=SMOKE) as session:
         session.run(pipeline_names=pipelines)
+    assert set(DEFAULT_SUITES) == set(SUITES)  # every suite runs on every data set today
+    for suite in SUITES:
+        _check_suite_report(project, env, suite)
 
-    folder = f"data/08_reporting/{_dataset_folder(env)}/apg"
+
+def _check_suite_report(project: Path, env: str, suite: str) -> None:
+    folder = f"data/08_reporting/{_dataset_folder(env)}/{suite}"
     summary = json.loads(_latest(project, f"{folder}/summary.json").read_text())
     trained = {v["name"] for v in summary["variants"]}
     skipped = {v["name"] for v in summary["not_applicable"]}
-    assert skipped == _declared_not_applicable(env)
-    assert trained | skipped == set(suite_variant_names("apg", PROJECT)) and not trained & skipped
+    assert skipped == _declared_not_applicable(env, suite)
+    assert trained | skipped == set(suite_variant_names(suite, PROJECT)) and not trained & skipped
     for v in summary["variants"]:
         assert 0 < v["test_auc"] < 1 and math.isfinite(v["test_logloss"]), (env, v["name"])
         assert v["folding_check"]["passed"] and v["seeds"] == 1, (env, v["name"])
@@ -104,8 +109,8 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
 
 @pytest.mark.slow
 def test_a_variant_the_data_cannot_run_stops_the_run_before_any_training(project: Path, data_root: Path, monkeypatch) -> None:
-    """`kedro run --env criteo` without its not_applicable declarations: the plan names the
-    three user/item-conditioned variants in one error, and no variant has trained."""
+    """`kedro run --env criteo` without its not_applicable declarations: the APG plan names
+    the three user/item-conditioned variants in one error, and no variant has trained."""
     params = project / "conf/criteo/parameters.yml"
     config = yaml.safe_load(params.read_text())
     del config["apg"]

@@ -146,3 +146,20 @@ def test_the_paper_protocol_gives_five_seeds_eight_shared_trials_and_equal_budge
 def test_conf_paper_selects_the_paper_protocol() -> None:
     paper = yaml.safe_load((PROJECT / "conf/paper/parameters.yml").read_text())
     assert paper == {"training": {"protocol": "paper"}}
+
+
+
+def test_the_dynint_suite_plans_on_the_shipped_spec_with_its_own_shared_space(spec) -> None:
+    suite = yaml.safe_load((PROJECT / "conf/base/parameters_dynint.yml").read_text())["dynint"]
+    names = suite_variant_names("dynint", PROJECT)
+    variants = plan_suite(spec, TRAINING, suite, suite="dynint", registered=names)["variants"]
+    assert [v["model"]["dynint"]["mode"] for v in variants.values()] == ["static", "da", "dgp", "dwp"]
+    shared = set(suite["search_space"])
+    assert "model.dropout" not in shared  # no dropout in a PIN: the suite's own shared space
+    for name, v in variants.items():
+        assert v["budget"]["common_dimensions"] == sorted(shared), name
+        assert v["budget"]["common_trials"] == TRAINING["study"]["n_trials"], name
+        assert {"model.dynint.layers", "model.dynint.subspaces"} <= set(v["budget"]["own_dimensions"]), name
+    assert variants["dynint_dgp"]["budget"]["own_dimensions"] == [
+        "model.dynint.layers", "model.dynint.orthogonal_rate", "model.dynint.rank", "model.dynint.reduction",
+        "model.dynint.subspaces"]

@@ -184,3 +184,26 @@ def test_train_config_from_dict_names_unknown_keys():
     assert TrainConfig.from_dict({"lr": 0.1}).lr == 0.1
     with pytest.raises(ValueError, match="'learning_rate'"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_a_model_supplied_penalty_is_added_to_the_loss(splits, builder, spec):
+    """``model.penalty()`` (read after each forward) joins the loss: a penalty on the
+    output bias pulls it to where the penalty wants it, which the data alone would not."""
+    from dynamic_ctr.training import TrainConfig, train
+
+    train_data, valid_data, _ = splits
+
+    def run(with_penalty: bool):
+        torch.manual_seed(0)
+        model = builder({"dim": 4, "hidden": 8}, spec)
+        head = model.mlp[-1]
+        if with_penalty:
+            model.penalty = lambda: 10.0 * (head.bias - 3.0).pow(2).sum()
+        cfg = TrainConfig(lr=0.05, batch_size=256, max_epochs=2, patience=2, progress=False)
+        result = train(model, train_data, valid_data, cfg)
+        return head.bias.item(), result.history[0]["train_loss"]
+
+    free_bias, free_loss = run(False)
+    pulled_bias, pulled_loss = run(True)
+    assert pulled_bias > free_bias + 0.5  # pulled up toward 3 (Adam moves it ~lr per step)
+    assert pulled_loss > free_loss  # the logged training loss includes the penalty

@@ -9,11 +9,15 @@ from torch import nn
 
 from dynamic_ctr.models.apg import APGTower
 from dynamic_ctr.models.backbones import BACKBONES
-from dynamic_ctr.models.config import ModelConfig, resolve_config
+from dynamic_ctr.models.config import DENSE_FAMILIES, ModelConfig, resolve_config
+from dynamic_ctr.models.dynint import XDeepInt
 from dynamic_ctr.models.layers import MLPTower
 from dynamic_ctr.spec import FeatureSpec
 
-__all__ = ["build_dense", "build_model"]
+__all__ = ["MODELS", "build_dense", "build_model"]
+
+#: Every model family: the backbones around a dense tower, and xDeepInt/DynInt.
+MODELS = {**BACKBONES, "xdeepint": XDeepInt}
 
 
 def build_dense(cfg: ModelConfig, spec: FeatureSpec, in_dim: int) -> nn.Module:
@@ -43,7 +47,8 @@ def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.M
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         in_dim = len(spec.fields) * cfg.embedding_dim
-        model = BACKBONES[cfg.family](cfg, spec, build_dense(cfg, spec, in_dim))
+        dense = build_dense(cfg, spec, in_dim) if cfg.family in DENSE_FAMILIES else None
+        model = MODELS[cfg.family](cfg, spec, dense)
     model.config = cfg.to_dict()
     model.spec = spec
     if cfg.folded:

@@ -24,13 +24,17 @@ __all__ = [
     "FM_INPUTS",
     "APGConfig",
     "ConditionConfig",
+    "DynIntConfig",
     "ModelConfig",
     "layer_widths",
     "parse_config",
     "resolve_config",
 ]
 
-FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2")
+FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint")
+#: Families with a dense (MLP or APG) tower; xdeepint is its interaction network alone.
+DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2")
+DYNINT_MODES = ("static", "da", "dgp", "dwp")
 APG_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 CONDITION_MODES = ("self", "group", "mix")
 AGGREGATIONS = ("input", "output")
@@ -180,6 +184,37 @@ class APGConfig:
 
 
 @dataclass(frozen=True)
+class DynIntConfig:
+    """The polynomial interaction network of ``xdeepint`` (DynInt §3; ``models/dynint.py``).
+
+    Args:
+        mode: ``static`` (xDeepInt), ``da`` (dynamic activation), ``dgp`` (generated
+            parameters, W = U Sigma_i V^T) or ``dwp`` (weighted parameters, G_i o W).
+        layers: PIN layers L (the paper's depth, 1-4).
+        subspaces: h, sub-spaces of the embedding (must divide ``embedding_dim``).
+        rank: K of dgp/dwp; capped at F * h, what the fields allow (§4.1.4).
+        reduction: r, the generators' reduction ratio.
+        orthogonal_rate: weight of the orthogonal regulariser (eqs. 11-12), added to
+            the loss through the model's ``penalty()`` (dgp and dwp; 0 = off).
+    """
+
+    mode: str = "static"
+    layers: int = 3
+    subspaces: int = 1
+    rank: int = 4
+    reduction: int = 4
+    orthogonal_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("dynint.mode", self.mode, DYNINT_MODES)
+        for name in ("layers", "subspaces", "rank", "reduction"):
+            _check_int(f"dynint.{name}", getattr(self, name), 1)
+        rate = self.orthogonal_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < math.inf:
+            raise ValueError(f"dynint.orthogonal_rate={rate!r} must be a finite float >= 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One CTR model: a backbone family, its dense tower, and optionally APG.
 
@@ -199,6 +234,8 @@ class ModelConfig:
             (the DNN part's input; the behaviour before this key existed). The two
             agree when every field is single-valued.
         apg: None for a static dense tower, else every hidden linear map is an APG layer.
+        dynint: the interaction network of family ``xdeepint`` (required there, refused
+            elsewhere); ``hidden_units``, ``dropout`` and ``batch_norm`` do not apply to it.
         seed: seed of the parameter init (``build_model`` does not touch the global RNG).
         folded: set by ``fold_model``: deployment form (v5 factors multiplied out,
             dropout removed); ``build_model`` returns such a model in eval mode.
@@ -212,6 +249,7 @@ class ModelConfig:
     cross_layers: int = 3
     fm_input: str = "features"
     apg: APGConfig | None = None
+    dynint: DynIntConfig | None = None
     seed: int = 0
     folded: bool = False
 
@@ -240,6 +278,17 @@ class ModelConfig:
             raise ValueError(
                 "folded=True needs dropout=0 and no v5 layers (fold_model multiplies them out)"
             )
+        if (self.family == "xdeepint") != (self.dynint is not None):
+            raise ValueError(f"dynint={self.dynint!r}: family 'xdeepint' needs a dynint config, and only it takes one")
+        if self.dynint is not None:
+            if not isinstance(self.dynint, DynIntConfig):
+                raise ValueError(f"dynint={self.dynint!r} must be a DynIntConfig or None")
+            if self.embedding_dim % self.dynint.subspaces:
+                raise ValueError(
+                    f"dynint.subspaces={self.dynint.subspaces} must divide embedding_dim={self.embedding_dim}"
+                )
+            if self.apg is not None:
+                raise ValueError("apg: family 'xdeepint' has no dense tower to make adaptive")
         if self.apg is not None:
             if not isinstance(self.apg, APGConfig):
                 raise ValueError(f"apg={self.apg!r} must be an APGConfig or None")
@@ -281,6 +330,8 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
     for key, value in d.items():
         if key == "apg":
             value = None if value is None else _from_dict(APGConfig, value, "apg.")
+        elif key == "dynint":
+            value = None if value is None else _from_dict(DynIntConfig, value, "dynint.")
         elif key == "condition":
             value = _from_dict(ConditionConfig, value, prefix + "condition.")
         elif key in ("hidden_units", "fields", "rank"):

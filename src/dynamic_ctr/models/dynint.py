@@ -69,9 +69,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from dynamic_ctr.models.embedding import FieldEmbedding
 
 __all__ = [
     "GENERATOR_INIT_STD",
@@ -498,3 +501,46 @@ class FoldedPolynomialInteraction(nn.Module):
     def fold(self) -> FoldedPolynomialInteraction:
         """Already folded: a copy."""
         return copy.deepcopy(self).eval()
+
+
+class XDeepInt(nn.Module):
+    """xDeepInt / DynInt as a CTR model: ``x (B, S) -> (B,)`` logits.
+
+    ``FieldEmbedding`` (sequence fields mean-pooled) -> :class:`PolynomialInteraction`;
+    there is no DNN tower (the paper's models read out the PIN alone, eq. 2). The
+    model-supplied loss term :meth:`penalty` is ``orthogonal_rate`` times the network's
+    orthogonal regulariser; the training loop adds it after each forward.
+
+    Args:
+        cfg: model config of family ``xdeepint`` (``embedding_dim`` and ``dynint``).
+        spec: the feature spec.
+        dense: must be None (the signature of every backbone; xdeepint has no tower).
+    """
+
+    def __init__(self, cfg: Any, spec: Any, dense: nn.Module | None = None) -> None:
+        super().__init__()
+        if dense is not None:
+            raise ValueError("xdeepint takes no dense tower")
+        d = cfg.dynint
+        self.embedding = FieldEmbedding(spec, cfg.embedding_dim)
+        num_fields = len(spec.fields)
+        # §4.1.4: the kernel size is capped at what the fields allow (K <= F * h).
+        rank = min(d.rank, num_fields * d.subspaces)
+        self.pin: nn.Module = PolynomialInteraction(
+            num_fields, cfg.embedding_dim, d.layers, d.subspaces, d.mode, rank, d.reduction
+        )
+        self.orthogonal_rate = d.orthogonal_rate
+        if cfg.folded:  # rebuild the serving structure that the saved weights belong to
+            self.pin = self.pin.fold()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, S)`` int64 -> logits ``(B,)``."""
+        return self.pin(self.embedding(x))  # (B, F, D) -> (B,)
+
+    def penalty(self) -> Tensor | None:
+        """``orthogonal_rate * pin.penalty()``; None without a regulariser (static, da, a
+        rate of 0, or the folded serving form)."""
+        pin = self.pin
+        if not self.orthogonal_rate or not isinstance(pin, PolynomialInteraction) or pin.mode not in ("dgp", "dwp"):
+            return None
+        return self.orthogonal_rate * self.pin.penalty()

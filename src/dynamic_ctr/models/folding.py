@@ -1,4 +1,5 @@
-"""Deployment folding (KDD §3.2.4, "No Additional Inference Latency and Memory Cost").
+"""Deployment folding (APG KDD §3.2.4, "No Additional Inference Latency and Memory Cost";
+DynInt §3.5: DGP's and DWP's instance-independent factors precomputed).
 
 ``fold_model`` returns a new module whose over-parameterised shared matrices are
 multiplied out once (``V = V^1 ... V^J``, ``U = U^1 ... U^J``: a v5 layer becomes the
@@ -15,6 +16,7 @@ from torch import nn
 
 from dynamic_ctr.models.apg import APGLinear
 from dynamic_ctr.models.config import parse_config
+from dynamic_ctr.models.dynint import PolynomialInteraction
 
 __all__ = ["fold_apg_linear", "fold_model"]
 
@@ -58,6 +60,8 @@ def fold_model(model: nn.Module) -> nn.Module:
                 setattr(module, name, nn.Identity())
             elif isinstance(child, APGLinear) and child.cfg.apg.version == "v5":
                 setattr(module, name, fold_apg_linear(child))
+            elif isinstance(child, PolynomialInteraction) and child.mode in ("dgp", "dwp"):
+                setattr(module, name, child.fold())  # DynInt: instance-independent parts precomputed
     folded.eval()
     config = getattr(model, "config", None)
     if config is not None:

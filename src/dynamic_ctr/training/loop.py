@@ -205,7 +205,8 @@ def train(
 
     The model is moved to ``train.device``. Each epoch shuffles with a generator
     seeded from ``cfg.seed`` (so two runs with one seed on one device see the same
-    batches), takes Adam steps on ``binary_cross_entropy_with_logits``, then scores
+    batches), takes Adam steps on ``binary_cross_entropy_with_logits`` (plus ``model.penalty()`` when the
+    model supplies one), then scores
     ``valid``. A copy of the weights is kept whenever the validation AUC improves,
     and loaded back at the end.
 
@@ -237,6 +238,10 @@ def train(
     autocast_ctx, amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
     optimizer = make_optimizer(model, cfg, device)
+    # A model may supply its own loss term, ``model.penalty() -> Tensor | None``, read
+    # right after each forward (a per-instance penalty belongs to that batch).
+    penalty_of = getattr(model, "penalty", None)
+    penalty_of = penalty_of if callable(penalty_of) else None
     torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use in forward
     shuffle_gen = make_generator(cfg.seed, device)
     eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
@@ -265,6 +270,10 @@ def train(
                 with autocast_ctx:
                     logits = model(xb)  # (B,)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
+                if penalty_of is not None:  # a model-supplied loss term (e.g. DynInt's eqs. 11-12)
+                    extra = penalty_of()
+                    if extra is not None:
+                        loss = loss + extra.float()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:

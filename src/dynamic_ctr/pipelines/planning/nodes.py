@@ -11,7 +11,8 @@ training parameters (``training.protocols.<name>``) and over the suite's
 (``<suite>.protocols.<name>``): seeds, trials, epochs, per-variant search spaces.
 
 Budgets are equal by construction: every variant searches the shared
-``training.search_space`` (learning rate, embedding L2, dropout) with
+``training.search_space`` (learning rate, embedding L2, dropout; a suite may replace it with
+its own ``search_space``, the same for all its variants) with
 ``training.study.n_trials`` trials; a variant's own dimensions (APG's K, P, J, ...) come
 on top, each with ``study.trials_per_extra_dimension`` more trials.
 """
@@ -27,7 +28,7 @@ from dynamic_ctr.training.loop import TrainConfig
 from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, validate_space
 
 VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to"}
-SUITE_KEYS = {"label", "defaults", "variants", "not_applicable", "report", "protocols"}
+SUITE_KEYS = {"label", "defaults", "variants", "not_applicable", "report", "protocols", "search_space"}
 LIMIT_KEYS = {"n_trials", "max_epochs", "seeds", "train_rows"}
 
 
@@ -190,6 +191,8 @@ def plan_suite(
     if unknown:
         raise SuitePlanError(f"{where}: parameters '{suite}' have unknown key(s) {sorted(unknown)}; known: {sorted(SUITE_KEYS)}")
     training, suite_params, protocol = apply_protocol(training, suite_params, suite)
+    if suite_params.get("search_space") is not None:  # the suite's own shared space, e.g. without dropout
+        training = {**training, "search_space": suite_params["search_space"]}
     variants = suite_params.get("variants") or {}
     defaults = suite_params.get("defaults") or {}
     declared = suite_params.get("not_applicable") or {}

@@ -110,7 +110,12 @@ def evaluate_variant(
 
 def _describe(config: dict[str, Any]) -> dict[str, Any]:
     """Model family, backbone and condition of a model config, for the summary."""
-    apg = config.get("apg")
+    apg, dynint = config.get("apg"), config.get("dynint")
+    if dynint:  # xDeepInt (static) or a DynInt form; the "condition" is what drives W
+        mode = dynint["mode"]
+        condition = None if mode == "static" else f"{mode}(sg(X_0))"
+        return {"model_family": "base" if mode == "static" else "dynint", "backbone": "xdeepint",
+                "condition": condition, "apg_version": None, "dynint_mode": mode}
     if not apg:
         return {"model_family": "base", "backbone": config["family"], "condition": None, "apg_version": None}
     cond = apg.get("condition") or {}
