@@ -207,3 +207,36 @@ def test_a_model_supplied_penalty_is_added_to_the_loss(splits, builder, spec):
     pulled_bias, pulled_loss = run(True)
     assert pulled_bias > free_bias + 0.5  # pulled up toward 3 (Adam moves it ~lr per step)
     assert pulled_loss > free_loss  # the logged training loss includes the penalty
+
+
+def test_group_optimizers_give_each_role_its_own_optimiser(spec):
+    """DynInt §4.1.4: G-FTRL for the embedding table, FTRL for the PIN, Adam for the
+    generators; a role without parameters, or FTRL options on Adam, are refused."""
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.training.optimizers import FTRL, CombinedOptimizer, GroupFTRL
+
+    model = build_model({"family": "xdeepint", "embedding_dim": 4, "dynint": {"mode": "dgp", "rank": 2}}, spec)
+    cfg = TrainConfig(group_optimizers={
+        "embedding": {"optimizer": "gftrl", "lr": 0.05, "l1": 0.01},
+        "interaction": {"optimizer": "ftrl", "lr": 0.05},
+        "generator": {"optimizer": "adam", "lr": 0.001},
+    })
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(opt, CombinedOptimizer) and set(opt.optimizers) == {"embedding", "interaction", "generator"}
+    assert isinstance(opt.optimizers["embedding"], GroupFTRL) and isinstance(opt.optimizers["interaction"], FTRL)
+    assert opt.optimizers["generator"].param_groups[0]["lr"] == 0.001
+    covered = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    x = torch.randint(0, 2, (8, spec.num_slots))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None and p.grad.any())
+    wdl = build_model({"family": "wdl", "hidden_units": [8]}, spec)
+    with pytest.raises(ValueError, match=r"role\(s\) \['interaction'\]"):
+        make_optimizer(wdl, TrainConfig(group_optimizers={"interaction": {"optimizer": "ftrl"}}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="FTRL's, not Adam's"):
+        TrainConfig(group_optimizers={"embedding": {"optimizer": "adam", "l1": 0.1}})
+    with pytest.raises(ValueError, match="needs optimizer in"):
+        TrainConfig(group_optimizers={"embedding": {"optimizer": "sgd"}})

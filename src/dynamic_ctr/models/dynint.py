@@ -537,6 +537,18 @@ class XDeepInt(nn.Module):
         """``x (B, S)`` int64 -> logits ``(B,)``."""
         return self.pin(self.embedding(x))  # (B, F, D) -> (B,)
 
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The roles of §4.1.4's optimisers (``TrainConfig.group_optimizers``):
+        ``interaction`` (the PIN's W, U, V and output layer: FTRL in the paper) and
+        ``generator`` (the gate and parameter generators: Adam); the embedding table is
+        the ``embedding`` role of every model."""
+        generators = {id(p) for m in self.pin.modules() if isinstance(m, TwoLayerGenerator) for p in m.parameters()}
+        params = list(self.pin.parameters())
+        return {
+            "interaction": [p for p in params if id(p) not in generators],
+            "generator": [p for p in params if id(p) in generators],
+        }
+
     def penalty(self) -> Tensor | None:
         """``orthogonal_rate * pin.penalty()``; None without a regulariser (static, da, a
         rate of 0, or the folded serving form)."""

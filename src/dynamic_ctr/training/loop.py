@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from dynamic_ctr.training.batching import TensorData, batches, num_batches
 from dynamic_ctr.training.device import make_generator
 from dynamic_ctr.training.metrics import auc, evaluate, log_loss
+from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "make_optimizer", "train"]
 
@@ -63,6 +64,13 @@ class TrainConfig:
         progress: show a tqdm bar per epoch (hidden anyway when stderr is not a tty).
         eval_batch_size: rows per forward pass at validation; ``None`` = 4x
             ``batch_size``.
+        group_optimizers: ``{role: {optimizer, lr, beta, l1, l2}}`` to give parameter
+            roles their own optimiser (``adam``, ``ftrl`` or ``gftrl``; FTRL's ``beta``,
+            ``l1``, ``l2`` default to 1, 0, 0). Roles: ``embedding`` (every embedding
+            table) and those a model names in ``model.parameter_roles()`` (DynInt:
+            ``interaction``, ``generator``). Parameters of no listed role keep Adam at
+            ``lr``. ``None``: Adam for everything (the three groups of
+            :func:`make_optimizer`).
     """
 
     lr: float = 0.005
@@ -78,6 +86,7 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     eval_batch_size: int | None = None
+    group_optimizers: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -97,6 +106,16 @@ class TrainConfig:
             raise ValueError(f"{self.grad_clip=} must be > 0 or None")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"{self.eval_batch_size=} must be >= 1 or None")
+        for role, spec in (self.group_optimizers or {}).items():
+            unknown = set(spec) - {"optimizer", "lr", "beta", "l1", "l2"}
+            if unknown or spec.get("optimizer") not in OPTIMIZERS:
+                raise ValueError(
+                    f"group_optimizers.{role}={spec!r}: needs optimizer in {OPTIMIZERS} and only lr, beta, l1, l2"
+                )
+            if spec.get("optimizer") == "adam" and set(spec) & {"beta", "l1", "l2"}:
+                raise ValueError(f"group_optimizers.{role}: beta, l1 and l2 are FTRL's, not Adam's")
+        if self.group_optimizers and self.amp and self.amp_dtype == "float16":
+            raise ValueError("group_optimizers cannot be combined with float16 AMP (its GradScaler needs one optimiser)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -127,22 +146,42 @@ class TrainResult:
     model: nn.Module
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam over three parameter groups: embeddings, decayed dense, undecayed 1-d.
-
-    Uses the fused CUDA kernel on CUDA and the ``foreach`` implementation elsewhere.
-    """
-    embedding_ids = {
-        id(p)
+def parameter_roles(model: nn.Module) -> dict[int, str]:
+    """``{id(parameter): role}``: ``embedding`` for embedding tables, then whatever the
+    model names in ``model.parameter_roles() -> {role: [parameters]}``."""
+    roles = {
+        id(p): "embedding"
         for m in model.modules()
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
         for p in m.parameters()
     }
+    named = getattr(model, "parameter_roles", None)
+    for role, params in (named() if callable(named) else {}).items():
+        roles.update({id(p): role for p in params})
+    return roles
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Adam | CombinedOptimizer:
+    """Adam over three parameter groups: embeddings, decayed dense, undecayed 1-d.
+
+    With ``cfg.group_optimizers``, each listed role gets its own optimiser (FTRL,
+    group-lasso FTRL or Adam at its own ``lr``) and the rest keeps these Adam groups;
+    the result steps them all as one (:class:`CombinedOptimizer`). Adam uses the fused
+    CUDA kernel on CUDA and the ``foreach`` implementation elsewhere.
+    """
+    roles = parameter_roles(model)
+    own = cfg.group_optimizers or {}
+    per_role: dict[str, list[nn.Parameter]] = {role: [] for role in own}
     emb, dense, flat = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in embedding_ids:
+        role = roles.get(id(p))
+        if role in own:
+            per_role[role].append(p)
+        elif role == "embedding":
             emb.append(p)
         elif p.ndim >= 2:
             dense.append(p)
@@ -154,11 +193,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         {"params": flat, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if not groups:
+    if not groups and not any(per_role.values()):
         raise ValueError("model has no trainable parameters")
-    if device.type == "cuda":
-        return torch.optim.Adam(groups, lr=cfg.lr, fused=True)
-    return torch.optim.Adam(groups, lr=cfg.lr, foreach=True)
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if not own:
+        return torch.optim.Adam(groups, lr=cfg.lr, **kernel)
+    empty = sorted(role for role, params in per_role.items() if not params)
+    if empty:
+        raise ValueError(f"group_optimizers names role(s) {empty} that no parameter of this model has")
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for role, spec in own.items():
+        kind, hyper = spec["optimizer"], {k: v for k, v in spec.items() if k != "optimizer"}
+        hyper.setdefault("lr", cfg.lr)
+        if kind == "adam":
+            optimizers[role] = torch.optim.Adam(per_role[role], **hyper, **kernel)
+        else:
+            optimizers[role] = (FTRL if kind == "ftrl" else GroupFTRL)(per_role[role], **hyper)
+    if groups:
+        optimizers["default"] = torch.optim.Adam(groups, lr=cfg.lr, **kernel)
+    return CombinedOptimizer(optimizers)
 
 
 def _autocast(

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FTRL", "GroupFTRL"]
+__all__ = ["FTRL", "OPTIMIZERS", "CombinedOptimizer", "GroupFTRL"]
 
 
 def _check_hyper_parameters(lr: float, beta: float, l1: float, l2: float) -> None:
@@ -315,3 +315,45 @@ class GroupFTRL(_FTRLBase):
         p[rows] = _group_weights(w_r, z_new, n_new, alpha, beta, l1, l2).view(shape)
         z[rows] = z_new.view(shape)
         n[rows] = n_new.view(shape)
+
+
+#: Optimisers a parameter role may use (``TrainConfig.group_optimizers``).
+OPTIMIZERS = ("adam", "ftrl", "gftrl")
+
+
+class CombinedOptimizer:
+    """Several optimisers stepped as one (e.g. DynInt §4.1.4: G-FTRL for the embedding
+    table, FTRL for the PIN layers, Adam for the generators).
+
+    Exposes what the training loop uses: ``zero_grad``, ``step``, ``param_groups``
+    (all of them, for learning-rate schedulers and logging) and ``state_dict``.
+    Not usable with float16 AMP's ``GradScaler`` (it needs one ``torch.optim``
+    optimiser); bfloat16 needs no scaler.
+
+    Args:
+        optimizers: ``{role: optimiser}``, in stepping order.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("CombinedOptimizer needs at least one optimiser")
+        self.optimizers = dict(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {role: opt.state_dict() for role, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for role, opt in self.optimizers.items():
+            opt.load_state_dict(state[role])
