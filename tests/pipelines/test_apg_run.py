@@ -36,7 +36,7 @@ def _run(root: Path, **kwargs) -> None:
 
 def test_train_fold_report_and_score(project: Path) -> None:
     _keep_variants(project)
-    _run(project)
+    _run(project, pipeline_names=["apg"])
 
     report = project / "data/08_reporting/tiny/apg"
     summary = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
@@ -68,7 +68,7 @@ def test_train_fold_report_and_score(project: Path) -> None:
     assert budgets["wdl_apg"]["common_dimensions"] == budgets["wdl"]["common_dimensions"]
 
     html = _latest(project, "data/08_reporting/tiny/apg/report.html").read_text()
-    assert html.count("<img") == 2 and "Paper delta vs our delta" in html
+    assert html.count("<img") == 4 and "Paper delta vs our delta" in html and "Hyper-parameter studies" in html
     for figure in ("frequency_gain.png", "cores_pca.png"):
         assert _latest(project, f"data/08_reporting/tiny/apg/{figure}").stat().st_size > 1000
     projection = pd.read_parquet(_latest(project, "data/08_reporting/tiny/wdl_apg/cores_projection.parquet"))
@@ -93,9 +93,9 @@ def test_train_fold_report_and_score(project: Path) -> None:
 
 def test_second_run_resumes_the_studies_and_reproduces_the_metrics(project: Path) -> None:
     _keep_variants(project)
-    _run(project)
+    _run(project, pipeline_names=["apg"])
     first = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
-    _run(project)
+    _run(project, pipeline_names=["apg"])
     second = json.loads(_latest(project, "data/08_reporting/tiny/apg/summary.json").read_text())
     for a, b in zip(first["variants"], second["variants"]):
         assert a["test_auc"] == b["test_auc"], a["name"]

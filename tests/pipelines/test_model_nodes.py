@@ -111,3 +111,28 @@ def test_compare_pair_pairs_seeds_by_name_and_tests_them(tiny) -> None:
     assert one["seeds"] == 1 and one["verdict"] == "not enough seeds" and one["t_test_p"] is None
     with pytest.raises(ValueError, match="same test rows"):
         compare_pair(better.assign(label=1 - y), base, alpha=0.05)
+
+
+def test_study_and_spectrum_figures(tiny) -> None:
+    """One panel per numeric searched value; one curve per PIN layer (none for APG)."""
+    import json as _json
+
+    from dynamic_ctr.pipelines.reporting.nodes import _hyperparameter_plot, _spectrum_plot
+
+    spec, _ = tiny
+    trials = pd.DataFrame({
+        "state": ["COMPLETE", "COMPLETE", "PRUNED"],
+        "value": [0.70, 0.72, 0.60],
+        "params": [_json.dumps({"train.lr": 0.002, "model.dynint.layers": 2}),
+                   _json.dumps({"train.lr": 0.005, "model.dynint.layers": 3}),
+                   _json.dumps({"train.lr": 0.009, "model.dynint.layers": 1})],
+    })
+    fig = _hyperparameter_plot({"dynint_dgp": trials})
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert sorted(ax.get_title() for ax in panels) == ["model.dynint.layers", "train.lr"]
+    assert all(len(ax.collections[0].get_offsets()) == 2 for ax in panels)  # the pruned trial is left out
+    dgp = build_model({"family": "xdeepint", "embedding_dim": 8, "dynint": {"mode": "dgp", "layers": 2, "rank": 3}}, spec)
+    kernels = dgp.interaction_kernels()
+    assert len(kernels) == 2 and torch.linalg.matrix_rank(kernels[0]) == 3  # U V^T has rank K
+    fig = _spectrum_plot({"dynint_dgp": dgp, "wdl_apg": _v5(spec)})
+    assert len(fig.axes[0].get_lines()) == 2

@@ -556,3 +556,14 @@ class XDeepInt(nn.Module):
         if not self.orthogonal_rate or not isinstance(pin, PolynomialInteraction) or pin.mode not in ("dgp", "dwp"):
             return None
         return self.orthogonal_rate * self.pin.penalty()
+
+    def interaction_kernels(self) -> list[Tensor]:
+        """The static ``(R, R)`` PIN kernel of every layer (detached): ``W`` (static, da,
+        dwp, whose ``G_i`` starts at all-ones around it) or ``U V^T`` (dgp, the kernel
+        at ``Sigma_i = I``); their spectra are DynInt's Figure 4. Empty once folded."""
+        if not isinstance(self.pin, PolynomialInteraction):
+            return []
+        return [
+            (layer.U @ layer.V.t() if isinstance(layer, GeneratedPINLayer) else layer.weight).detach()
+            for layer in self.pin.layers
+        ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from typing import Any
 
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dynamic_ctr.models import generated_cores  # noqa: E402
@@ -233,7 +235,7 @@ def build_report(
     every = [k[: -len("__metrics")] for k in artifacts if k.endswith("__metrics")]
     names = [n for n in every if artifacts[f"{n}__summary"].get("status") == "trained"]
     skipped = {n: artifacts[f"{n}__summary"].get("reason") for n in every if n not in names}
-    kinds = ("metrics", "predictions", "folding", "summary", "history", "projection")
+    kinds = ("metrics", "predictions", "folding", "summary", "history", "projection", "trials", "trained")
     get = {kind: {n: artifacts[f"{n}__{kind}"] for n in names} for kind in kinds}
     spec = FeatureSpec.from_dict(feature_spec)
     alpha = float(params.get("alpha", 0.05))
@@ -346,15 +348,82 @@ def build_report(
         "not_applicable": [{"name": n, "reason": r} for n, r in skipped.items()],
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
     }
-    report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, frequency_fig, pca_fig, by_name)
-    return summary, report_html, comparison, efficiency, per_domain, gains, frequency_fig, pca_fig
+    study_fig = _hyperparameter_plot(get["trials"])
+    spectrum_fig = _spectrum_plot({n: next(iter(get["trained"][n].values())) for n in names})
+    figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig}
+    report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, figures, by_name)
+    return (summary, report_html, comparison, efficiency, per_domain, gains, frequency_fig, pca_fig, study_fig,
+            spectrum_fig)
+
+
+def _numeric(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _hyperparameter_plot(trials: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Validation AUC of every finished trial against each numeric searched value, one
+    panel per hyper-parameter, one colour per variant (DynInt §4.4, APG §4.5 style
+    studies, from the Optuna trials)."""
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for variant, frame in trials.items():
+        for params, value, state in zip(frame.get("params", []), frame.get("value", []), frame.get("state", [])):
+            if state != "COMPLETE" or value is None or not math.isfinite(value):
+                continue
+            for name, raw in json.loads(params).items():
+                x = _numeric(raw)
+                if x is not None:
+                    points.setdefault(name, []).append((variant, x, float(value)))
+    names = sorted(points)
+    cols = max(1, min(3, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if not names:
+        axes[0, 0].text(0.5, 0.5, "no finished trials with numeric parameters", ha="center", va="center")
+    for ax, name in zip(axes.flat, names):
+        ax.set_axis_on()
+        for variant in dict.fromkeys(v for v, _, _ in points[name]):
+            xs = [x for v, x, _ in points[name] if v == variant]
+            ys = [y for v, _, y in points[name] if v == variant]
+            ax.scatter(xs, ys, s=14, alpha=0.7, label=variant)
+        if name.endswith(("lr", "rate", "weight_decay")) and min(x for _, x, _ in points[name]) > 0:
+            ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("validation AUC", fontsize=8)
+    if names:
+        axes.flat[0].legend(fontsize=6)
+    fig.suptitle("Hyper-parameter studies: validation AUC of every finished trial", y=1.0)
+    return fig
+
+
+def _spectrum_plot(models: dict[str, nn.Module]) -> plt.Figure:
+    """Normalised singular values of each layer's static interaction kernel (DynInt
+    Figure 4): a fast drop (an elbow) means the kernel is close to low rank."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for name, model in models.items():
+        kernels = model.interaction_kernels() if hasattr(model, "interaction_kernels") else []
+        for layer, kernel in enumerate(kernels):
+            s = torch.linalg.svdvals(kernel.double()).numpy()
+            ax.plot(np.arange(1, len(s) + 1), s / s[0], marker=".", label=f"{name} layer {layer + 1}")
+            drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no interaction kernels in this suite", ha="center", va="center")
+    else:
+        ax.set_yscale("log")
+        ax.set_xlabel("singular value index")
+        ax.set_ylabel("sigma_k / sigma_1")
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Spectrum of the PIN kernels, first seed (cf. DynInt Figure 4)")
+    return fig
 
 
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", border=0, classes="t")
 
 
-def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, frequency_fig, pca_fig, by_name) -> str:
+def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, figures, by_name) -> str:
     overview = pd.DataFrame([
         {k: v for k, v in entry.items() if k in ("name", "model_family", "backbone", "condition", "apg_version", "test_auc", "test_auc_std",
                                                    "test_logloss", "test_gauc_user", "test_gauc_domain", "seeds", "parameter_count")}
@@ -384,8 +453,10 @@ def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, freq
         "<i>equal_budget</i> says whether the variant and its base had the same tuning budget on the shared search "
         "space (trials planned and finished, epochs, seeds).</p>",
         _table(comparison) if len(comparison) else "<p>No paper rows configured.</p>",
-        "<h2>Gain per activity group</h2>", _figure_html(frequency_fig),
-        "<h2>Generated S_i (PCA)</h2>", _figure_html(pca_fig),
+        "<h2>Gain per activity group</h2>", _figure_html(figures["frequency"]),
+        "<h2>Generated S_i (PCA)</h2>", _figure_html(figures["pca"]),
+        "<h2>Hyper-parameter studies (Optuna trials)</h2>", _figure_html(figures["study"]),
+        "<h2>Interaction kernel spectrum</h2>", _figure_html(figures["spectrum"]),
         "<h2>Efficiency</h2><p>Latency: median CPU forward of one batch; hidden memory per batch, counted analytically.</p>",
         _table(efficiency),
         "<h2>Test AUC per domain</h2>", _table(pivot),

@@ -10,9 +10,11 @@ from .nodes import build_report, evaluate_variant
 REPORT_INPUTS = {
     "metrics": "test_metrics", "predictions": "test_predictions", "folding": "folding_check",
     "summary": "tuning_summary", "history": "training_history", "projection": "cores_projection",
+    "trials": "study_trials", "trained": "trained_model",
 }
 REPORT_OUTPUTS = ("report_summary", "report_html", "paper_comparison", "efficiency_table", "per_domain_auc",
-                  "frequency_gain_table", "frequency_gain_plot", "cores_pca_plot")
+                  "frequency_gain_table", "frequency_gain_plot", "cores_pca_plot", "hyperparameter_study_plot",
+                  "kernel_spectrum_plot")
 
 
 def create_pipeline(suite: str, **kwargs) -> Pipeline:
