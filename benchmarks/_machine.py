@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def _busy_jiffies() -> int | None:
@@ -70,3 +75,39 @@ def add_quiet_arguments(parser: argparse.ArgumentParser, unit: str, timeout: flo
     parser.add_argument("--retries", type=int, default=2, help=f"repeats of a disturbed {unit}")
     parser.add_argument("--wait-budget", type=float, default=budget,
                         help="seconds of waiting/repeating; after it, measurements are kept as they come")
+
+
+def interleaved_rounds(
+    args: argparse.Namespace, items: Sequence[T], measure: Callable[[T], Any], key: Callable[[T], Hashable]
+) -> tuple[list[dict[Hashable, Any]], list[float], int]:
+    """``args.repeats`` rounds, each measuring every item once in a fresh random order
+    (seeded), so drift and neighbours hit all contenders alike and ratios can be paired
+    per round. Before a round it waits for a quiet machine; a round during which others
+    used more than ``args.max_other`` of the CPU is repeated (``args.retries`` times,
+    within ``args.wait_budget`` seconds; after that, rounds are kept as they come).
+
+    Returns:
+        The rounds (``{key(item): measure(item)}`` each), the other processes' CPU share
+        during each kept round, and how many disturbed rounds were repeated.
+    """
+    rng = random.Random(0)
+    deadline = time.perf_counter() + args.wait_budget
+    rounds: list[dict[Hashable, Any]] = []
+    shares: list[float] = []
+    discarded = 0
+    for _ in range(args.repeats):
+        for attempt in range(args.retries + 1):
+            patient = time.perf_counter() < deadline
+            if patient:
+                wait_quiet(args.quiet, min(args.quiet_timeout, deadline - time.perf_counter()))
+            order = list(items)
+            rng.shuffle(order)
+            probe = OtherCPU()
+            got = {key(item): measure(item) for item in order}
+            share = probe.share()
+            if not (share > args.max_other and patient and attempt < args.retries):
+                break
+            discarded += 1
+        shares.append(share)
+        rounds.append(got)
+    return rounds, shares, discarded

@@ -82,7 +82,6 @@ import argparse
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -92,7 +91,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _machine import OtherCPU, add_quiet_arguments, wait_quiet  # noqa: E402
+from _machine import add_quiet_arguments, interleaved_rounds, wait_quiet  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -271,30 +270,16 @@ def run_width(widths: list[int], args: argparse.Namespace, device: torch.device)
             c.peak_train_mb = peak_bytes(train_step, device) / 2**20
             c.peak_infer_mb = peak_bytes(infer_step, device) / 2**20
 
-    rng = random.Random(0)
-    deadline = time.perf_counter() + args.wait_budget
-    stats = {"discarded": 0, "other": []}
-    for _ in range(args.repeats):
-        for attempt in range(args.retries + 1):
-            patient = time.perf_counter() < deadline
-            if patient:
-                wait_quiet(args.quiet, min(args.quiet_timeout, deadline - time.perf_counter()))
-            order = list(active)
-            rng.shuffle(order)
-            probe = OtherCPU()
-            got = {}
-            for c in order:
-                train_step, infer_step = steps[c.version]
-                got[c.version] = (timed(train_step, c.train_n, device), timed(infer_step, c.infer_n, device))
-            share = probe.share()
-            if not (share > args.max_other and patient and attempt < args.retries):
-                break
-            stats["discarded"] += 1
-        stats["other"].append(share)
+    def measure(c: Case) -> tuple[float, float]:
+        train_step, infer_step = steps[c.version]
+        return timed(train_step, c.train_n, device), timed(infer_step, c.infer_n, device)
+
+    rounds, shares, discarded = interleaved_rounds(args, active, measure, key=lambda c: c.version)
+    for got in rounds:
         for c in active:
             c.train_ms.append(got[c.version][0])
             c.infer_ms.append(got[c.version][1])
-    args.contention.append(stats)
+    args.contention.append({"discarded": discarded, "other": shares})
     for c in cases:  # free the optimizer state before the next width
         c.optimizer = None  # type: ignore[assignment]
     return cases

@@ -13,14 +13,16 @@ same readout, same loss; only the layers' ``mix`` = ``W^(i) X_0`` differs):
   dgp           the project's ``GeneratedPINLayer``: ``U (sigma o (V^T X_0))``
   dgp-direct    :class:`DirectGeneratedPINLayer`: ``W_i = U diag(sigma_i) V^T`` built per
                 instance (``(B, R, R)``), then ``bmm(W_i, X_0)``
-  dwp           the project's ``WeightedPINLayer``: ``sum_p u~_p o (W (v~_p o X_0))``
-  dwp-direct    :class:`DirectWeightedPINLayer`: ``G_i = sum_p u~_p v~_p^T`` built per
-                instance (one ``(B, R, K) x (B, K, R)`` bmm), ``W_i = G_i o W``, then
-                ``bmm(W_i, X_0)``
+  dwp           the project's ``WeightedPINLayer`` as it trains: the smaller of its two
+                exact forms (factorised when K d <= R, else direct)
+  dwp-factorised  the same layer held to eq. (10), ``sum_p u~_p o (W (v~_p o X_0))``
+  dwp-direct    the same layer held to ``G_i = sum_p u~_p v~_p^T`` built per instance
+                (one ``(B, R, K) x (B, K, R)`` bmm), ``W_i = G_i o W``, then ``bmm(W_i, X_0)``
 
-A direct layer subclasses the project's layer and overrides ``mix`` only, so it has the
-same parameters and generator; the direct network is the factorised one with its layers
-swapped and the state dict copied. Before timing, the script asserts (float64, batch 8,
+The DGP direct layer subclasses the project's layer and overrides ``mix`` only, so it has
+the same parameters and generator; the direct network is the factorised one with its
+layers swapped and the state dict copied. DWP's two forms are the project's own
+(``WeightedPINLayer.mix_factorised`` / ``mix_direct``). Before timing, the script asserts (float64, batch 8,
 random non-trivial parameters so that every instance gets its own sigma / u~, v~) that
 the two forms give the same logits, the same penalty and the same gradients.
 
@@ -67,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import sys
 import time
@@ -78,7 +79,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _machine import OtherCPU, add_quiet_arguments, wait_quiet  # noqa: E402
+from _machine import add_quiet_arguments, interleaved_rounds  # noqa: E402
 from apg_table5 import fmt, machine_line, median, paired_ratio, peak_bytes, spread, timed  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -86,10 +87,10 @@ from torch import Tensor, nn  # noqa: E402
 from dynamic_ctr.models.dynint import (  # noqa: E402
     GeneratedPINLayer,
     PolynomialInteraction,
-    WeightedPINLayer,
 )
 
-CONTENDERS = ("xdeepint", "dgp", "dgp-direct", "dwp", "dwp-direct")
+CONTENDERS = ("xdeepint", "dgp", "dgp-direct", "dwp", "dwp-factorised", "dwp-direct")
+FACTORISED = {"dgp": "dgp", "dwp": "dwp-factorised"}  # the factorised contender of each mode
 PENALTY_RATE = 1e-4
 MEMORY = {  # measured memory columns and what they cover
     "dyn": "instance-aware parameters kept for backward, the paper's scope",
@@ -111,30 +112,22 @@ class DirectGeneratedPINLayer(GeneratedPINLayer):
         return torch.bmm(w, x0)  # (B, R, d)
 
 
-class DirectWeightedPINLayer(WeightedPINLayer):
-    """DWP, direct form: ``G_i = sum_p u~_p v~_p^T`` and ``W_i = G_i o W`` built per
-    instance, then applied. Same parameters, generator and output as
-    :class:`WeightedPINLayer`.
-    """
-
-    def mix(self, x0: Tensor, generated: dict[str, Tensor]) -> Tensor:
-        g = torch.bmm(generated["u"].transpose(1, 2), generated["v"])  # (B, R, R): G_i
-        return torch.bmm(g * self.weight, x0)  # (B, R, d): (G_i o W) X_0
-
-
-DIRECT = {"dgp": DirectGeneratedPINLayer, "dwp": DirectWeightedPINLayer}
+DIRECT = {"dgp": DirectGeneratedPINLayer}
 
 
 def build(name: str, args: argparse.Namespace, subspaces: int, rank: int) -> PolynomialInteraction:
     """Contender ``name``; the factorised and direct forms of a mode share their weights."""
-    mode = "static" if name == "xdeepint" else name.removesuffix("-direct")
+    mode = "static" if name == "xdeepint" else name.split("-")[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = PolynomialInteraction(
             args.fields, args.dim, layers=args.layers, subspaces=subspaces, mode=mode,
             rank=rank, reduction=args.reduction,
         )
-    if name.endswith("-direct"):
+    if mode == "dwp" and name != "dwp":  # hold the layer to one of its two exact forms
+        for layer in net.layers:
+            layer.factorised = name == "dwp-factorised"
+    elif name.endswith("-direct"):
         rows, width = args.fields * subspaces, args.dim // subspaces
         for i, layer in enumerate(net.layers):
             direct = DIRECT[mode](rows, width, rank, args.reduction)
@@ -154,7 +147,7 @@ def check_equal(args: argparse.Namespace, subspaces: int, rank: int) -> None:
     x = torch.randn(8, args.fields, args.dim, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 2, (8,), generator=gen).double()
     for mode in ("dgp", "dwp"):
-        fact = build(mode, args, subspaces, rank).double()
+        fact = build(FACTORISED[mode], args, subspaces, rank).double()
         with torch.no_grad():  # non-trivial values: every instance its own sigma / u~, v~
             for p in fact.parameters():
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
@@ -341,23 +334,8 @@ def main() -> None:
                 cases.append(make_case(name, args, h, k, x0, y))
     by_key = {c.key: c for c in cases}
 
-    rng = random.Random(0)
-    deadline = time.perf_counter() + args.wait_budget
-    discarded, shares = 0, []
-    for _ in range(args.repeats):
-        for attempt in range(args.retries + 1):
-            patient = time.perf_counter() < deadline
-            if patient:
-                wait_quiet(args.quiet, min(args.quiet_timeout, deadline - time.perf_counter()))
-            order = list(cases)
-            rng.shuffle(order)
-            probe = OtherCPU()
-            got = {c.key: timed(c.step, c.n, device) for c in order}
-            share = probe.share()
-            if not (share > args.max_other and patient and attempt < args.retries):
-                break
-            discarded += 1
-        shares.append(share)
+    rounds, shares, discarded = interleaved_rounds(args, cases, lambda c: timed(c.step, c.n, device), key=lambda c: c.key)
+    for got in rounds:
         for c in cases:
             c.ms.append(got[c.key])
 
@@ -389,7 +367,7 @@ def main() -> None:
     for h in hs:
         for k in ranks:
             for mode in ("dgp", "dwp"):
-                f, d = by_key[(h, k, mode)], by_key[(h, k, mode + "-direct")]
+                f, d = by_key[(h, k, FACTORISED[mode])], by_key[(h, k, mode + "-direct")]
                 r = {m: getattr(f, f"{m}_mb") / getattr(d, f"{m}_mb") for m in MEMORY}
                 r["time"] = paired_ratio(f.ms, d.ms)
                 ratios[(h, k, mode)] = r
@@ -404,6 +382,9 @@ def main() -> None:
     for h in hs:
         for mode, target in (("dgp", 0.95), ("dwp", 0.75)):
             r = ratios[(h, 4, mode)]
+            if mode == "dwp":
+                chosen = "factorised" if build("dwp", args, h, 4).layers[0].factorised else "direct"
+                print(f"  [h={h} K=4] dwp trains in its {chosen} form (K d {'<=' if chosen == 'factorised' else '>'} R)")
             for m in MEMORY:
                 red = 1 - r[m]
                 print(f"  [h={h} K=4] {mode} memory reduction >= {target:.0%} ({MEMORY[m]}): {red:.1%} -> "

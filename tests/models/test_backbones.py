@@ -156,6 +156,30 @@ def test_deepfm_fm_runs_over_every_active_feature():
     assert not torch.allclose(pooled(FM_BATCH)[[0, 2, 3]], model(FM_BATCH)[[0, 2, 3]])
 
 
+def test_interaction_layers_alone_without_a_dnn(spec, big_batch):
+    """``dnn: false`` (DynInt Table 2): WDL is logistic regression, DeepFM first order +
+    FM, DCN / DCNv2 ``Linear(CrossNet(flat))``: each equals its formula."""
+    wdl = perturb(build_model(small_config(family="wdl", dnn=False), spec)).eval()
+    assert wdl.dense is None and wdl.head is None
+    _, linear = wdl.embedding.with_first_order(big_batch)
+    torch.testing.assert_close(wdl(big_batch), linear)
+    deepfm = perturb(build_model(small_config(family="deepfm", dnn=False), spec)).eval()
+    _, linear, total, sq_norms = deepfm.embedding.with_features(big_batch)
+    torch.testing.assert_close(deepfm(big_batch), linear + deepfm.fm.from_sums(total, sq_norms))
+    for family in ("dcn", "dcnv2"):
+        model = perturb(build_model(small_config(family=family, dnn=False), spec)).eval()
+        flat = model.embedding(big_batch).flatten(1)
+        assert model.head.in_features == flat.shape[1]
+        torch.testing.assert_close(model(big_batch), model.head(model.cross(flat)).squeeze(1))
+    # no tower's parameters remain, and every parameter still gets a gradient
+    for family in ("wdl", "deepfm", "dcn", "dcnv2"):
+        model = build_model(small_config(family=family, dnn=False), spec)
+        with_dnn = build_model(small_config(family=family), spec)
+        assert count_parameters(model) < count_parameters(with_dnn)
+        model(big_batch).sum().backward()
+        assert all(p.grad is not None for p in model.parameters()), family
+
+
 def test_deepfm_fields_option_is_the_pooled_form():
     """``fm_input="fields"`` = FM over the mean-pooled fields + mean weight per field."""
     model = _deepfm(fm_input="fields")
@@ -269,6 +293,9 @@ BAD_CONFIGS = [
     ({"folded": True, "dropout": 0.1}, "folded"),
     ({"folded": True, "apg": {"version": "v5"}}, "folded"),
     ({"seed": -1}, "seed"),
+    ({"dnn": 0}, "dnn"),
+    ({"family": "dnn", "dnn": False}, "dnn"),
+    ({"dnn": False, "apg": {"version": "v4"}}, "dnn"),
 ]
 
 

@@ -19,6 +19,7 @@ from dynamic_ctr.models.dynint import (
     PolynomialInteraction,
     TwoLayerGenerator,
     orthogonal_penalty,
+    split_subspaces,
 )
 
 B, F, D, L = 3, 4, 8, 2
@@ -113,7 +114,7 @@ def test_pin_matches_elementwise_loop(mode, subspaces):
         assert all((g - 1).abs().max() > 0.1 for g in gates)
 
 
-@pytest.mark.parametrize("subspaces", [1, 2])
+@pytest.mark.parametrize("subspaces", [1, 2, 8])  # dwp: direct form at 1 and 2, factorised at 8
 @pytest.mark.parametrize("mode", ["dgp", "dwp"])
 def test_dynamic_parameters_match_dense_definition(mode, subspaces):
     net = _model(mode, subspaces, rank=3)
@@ -127,6 +128,24 @@ def test_dynamic_parameters_match_dense_definition(mode, subspaces):
         out_w=net.out_weight.tolist(), out_b=net.out_bias.item(),
     )
     torch.testing.assert_close(net(x0).detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("subspaces, factorised", [(1, False), (2, False), (8, True)])
+def test_dwp_takes_the_smaller_exact_form_and_both_forms_agree(subspaces, factorised):
+    """K d <= R: eq. (10) factorised, else ``(G o W) X_0`` built: same values and gradients."""
+    net = _model("dwp", subspaces, rank=3)
+    layer = net.layers[0]
+    rows, width = F * subspaces, D // subspaces
+    assert layer.factorised is factorised is (3 * width <= rows)
+    x0 = split_subspaces(_x0(), subspaces).requires_grad_(True)
+    generated = layer.generate(x0.detach().flatten(1))
+    outputs = []
+    for form in (layer.mix_factorised, layer.mix_direct):
+        out = form(x0, generated)
+        grads = torch.autograd.grad(out.square().sum(), [x0, layer.weight])
+        outputs.append((out, *grads))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_gates_sigma_and_weighting_start_near_one():
@@ -190,7 +209,7 @@ def test_model_penalties():
     assert copy.deepcopy(dwp).penalty() == 0
 
 
-@pytest.mark.parametrize("subspaces", [1, 2])
+@pytest.mark.parametrize("subspaces", [1, 2, 8])  # dwp: both exact forms
 @pytest.mark.parametrize("mode", MODES)
 def test_fold_keeps_the_logits(mode, subspaces):
     net = _model(mode, subspaces, dtype=torch.float32).eval()

@@ -101,8 +101,14 @@ def _check_suite_report(project: Path, env: str, suite: str) -> None:
         else:
             assert row["verdict"] == "not enough seeds" and row["seeds"] == 1, row
     assert summary["deployment"]["variant"] in trained
+    assert summary["tables"], (env, suite)
+    for row in summary["tables"]:  # one seed: a mean, no interval
+        if row["variant"] in skipped:
+            assert row["status"].startswith("not applicable: ") and row["auc_mean"] is None, row
+        else:
+            assert row["status"] == "trained" and 0 < row["auc_mean"] < 1 and row["auc_ci95_low"] is None, row
     report = _latest(project, f"{folder}/report.html").read_text()
-    assert "Not applicable on this data set" in report
+    assert "Not applicable on this data set" in report and "Models on the same split" in report
     for name in skipped:
         assert name in report
 

@@ -136,3 +136,30 @@ def test_study_and_spectrum_figures(tiny) -> None:
     assert len(kernels) == 2 and torch.linalg.matrix_rank(kernels[0]) == 3  # U V^T has rank K
     fig = _spectrum_plot({"dynint_dgp": dgp, "wdl_apg": _v5(spec)})
     assert len(fig.axes[0].get_lines()) == 2
+
+
+def test_model_tables_give_seed_means_with_t_intervals_and_the_papers_figures() -> None:
+    from scipy import stats
+
+    from dynamic_ctr.pipelines.reporting.nodes import model_tables
+
+    aucs, loglosses = [0.71, 0.73, 0.74], [0.52, 0.50, 0.49]
+    metrics = {
+        "xdeepint": {"seeds": {f"seed_{i}": {"auc": a, "logloss": l} for i, (a, l) in enumerate(zip(aucs, loglosses))}},
+        "fm": {"seeds": {"seed_0": {"auc": 0.70, "logloss": 0.55}}},
+    }
+    described = {"xdeepint": {"model_family": "base", "backbone": "xdeepint", "condition": None}}
+    tables = [{"title": "T1", "variants": ["fm", "xdeepint", "ref_dnn"], "paper": {"xdeepint": {"auc": 0.8111}}},
+              {"title": "all"}]
+    frame = model_tables(tables, metrics, described, {"ref_dnn": "no such field"})
+    t1 = frame[frame["table"] == "T1"].set_index("variant")
+    assert list(t1.index) == ["fm", "xdeepint", "ref_dnn"]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(aucs), scale=stats.sem(aucs))
+    row = t1.loc["xdeepint"]
+    assert row["auc_mean"] == pytest.approx(np.mean(aucs)) and row["seeds"] == 3
+    assert (row["auc_ci95_low"], row["auc_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert row["logloss_ci95_low"] < np.mean(loglosses) < row["logloss_ci95_high"]
+    assert row["paper_auc"] == 0.8111 and pd.isna(row["paper_logloss"]) and row["backbone"] == "xdeepint"
+    assert pd.isna(t1.loc["fm", "auc_ci95_low"]) and t1.loc["fm", "auc_mean"] == 0.70  # one seed: no interval
+    assert t1.loc["ref_dnn", "status"] == "not applicable: no such field" and t1.loc["ref_dnn", "seeds"] == 0
+    assert list(frame[frame["table"] == "all"]["variant"]) == ["xdeepint", "fm"]  # no list: every trained variant

@@ -153,13 +153,56 @@ def test_the_dynint_suite_plans_on_the_shipped_spec_with_its_own_shared_space(sp
     suite = yaml.safe_load((PROJECT / "conf/base/parameters_dynint.yml").read_text())["dynint"]
     names = suite_variant_names("dynint", PROJECT)
     variants = plan_suite(spec, TRAINING, suite, suite="dynint", registered=names)["variants"]
-    assert [v["model"]["dynint"]["mode"] for v in variants.values()] == ["static", "da", "dgp", "dwp"]
+    pins = {n: v for n, v in variants.items() if v["model"]["family"] == "xdeepint"}
+    assert [v["model"]["dynint"]["mode"] for v in pins.values()] == ["static", "da", "dgp", "dwp"]
     shared = set(suite["search_space"])
     assert "model.dropout" not in shared  # no dropout in a PIN: the suite's own shared space
     for name, v in variants.items():
         assert v["budget"]["common_dimensions"] == sorted(shared), name
         assert v["budget"]["common_trials"] == TRAINING["study"]["n_trials"], name
+    for name, v in pins.items():
         assert {"model.dynint.layers", "model.dynint.subspaces"} <= set(v["budget"]["own_dimensions"]), name
     assert variants["dynint_dgp"]["budget"]["own_dimensions"] == [
         "model.dynint.layers", "model.dynint.orthogonal_rate", "model.dynint.rank", "model.dynint.reduction",
         "model.dynint.subspaces"]
+    # Table 1's reference rows and Table 2's layers alone: no PIN config, no own dimensions
+    references = {n: v["model"] for n, v in variants.items() if n not in pins}
+    assert {n: (m["family"], m["dnn"]) for n, m in references.items()} == {
+        "lr": ("wdl", False), "fm": ("deepfm", False), "ref_dnn": ("dnn", True), "ref_wdl": ("wdl", True),
+        "ref_deepfm": ("deepfm", True), "ref_dcn": ("dcn", True), "ref_dcnv2": ("dcnv2", True),
+        "crossnet": ("dcn", False), "crossnet_v2": ("dcnv2", False)}
+    assert all(m.get("dynint") is None and m["embedding_dim"] == 16 for m in references.values())
+    assert all(variants[n]["budget"]["own_dimensions"] == [] for n in references)
+
+
+def test_the_dynint_paper_protocol_gives_pin_models_and_lr_fm_the_papers_optimisers(spec) -> None:
+    """§4.1.4: G-FTRL for the embedding table and FTRL for the PIN (LR, FM: FTRL), each
+    group's lr tuned in [1e-2, 1e-1]; the DNN reference rows keep Adam."""
+    suite = yaml.safe_load((PROJECT / "conf/base/parameters_dynint.yml").read_text())["dynint"]
+    names = suite_variant_names("dynint", PROJECT)
+    training = {**TRAINING, "protocol": "paper", "protocols": {"paper": {"seeds": [1, 2, 3, 4, 5]}}}
+    variants = plan_suite(spec, training, suite, suite="dynint", registered=names)["variants"]
+    for name in ("xdeepint", "dynint_da", "dynint_dgp", "dynint_dwp"):
+        groups = variants[name]["train"]["group_optimizers"]
+        assert {r: g["optimizer"] for r, g in groups.items()} == {"embedding": "gftrl", "interaction": "ftrl"}, name
+        assert variants[name]["search_space"]["train.group_optimizers.interaction.lr"] == {
+            "type": "float", "low": 0.01, "high": 0.1, "log": True}
+    for name in ("lr", "fm"):
+        assert variants[name]["train"]["group_optimizers"] == {"embedding": {"optimizer": "ftrl", "lr": 0.05, "beta": 0.1}}
+    for name in ("ref_dnn", "ref_wdl", "ref_deepfm", "ref_dcn", "ref_dcnv2", "crossnet", "crossnet_v2"):
+        assert not variants[name]["train"].get("group_optimizers"), name
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"paper_rows": [{"table": "T", "row": "r", "variant": "xdeepint", "base": "xdeepnt", "paper_base": 1, "paper_variant": 2}]},
+     r"report.paper_rows\[0\] names \['xdeepnt'\]"),
+    ({"tables": [{"title": "T", "variants": ["fm", "ffm"]}]}, r"report.tables\[0\].variants names \['ffm'\]"),
+    ({"tables": [{"title": "T", "paper": {"lr": {"auc": 0.8, "gauc": 0.7}}}]}, r"report.tables\[0\].paper.lr"),
+    ({"tables": [{"variants": ["fm"]}]}, r"needs a 'title'"),
+    ({"paper_row": []}, r"unknown key\(s\) \['paper_row'\]"),
+])
+def test_a_report_naming_no_variant_stops_the_plan(spec, report, message) -> None:
+    suite = yaml.safe_load((PROJECT / "conf/base/parameters_dynint.yml").read_text())["dynint"]
+    names = suite_variant_names("dynint", PROJECT)
+    with pytest.raises(SuitePlanError, match=message):
+        plan_suite(spec, TRAINING, {**suite, "report": report}, suite="dynint", registered=names)

@@ -13,6 +13,10 @@ backbone needs no backbone code. E = F * D is the flattened embedding width::
               feature; "fields": over the mean-pooled fields)
       DCN:    [CrossNetV1(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
       DCNv2:  [CrossNetV2(flat) (B, E) | dense(flat) (B, H)] -> Linear(E + H, 1)
+
+``dense`` is ``None`` for ``dnn: false`` (DynInt Table 2, the interaction layer
+alone): WDL is then logistic regression over the fields, DeepFM an FM with its
+first-order term, DCN / DCNv2 ``CrossNet(flat) -> Linear(E, 1)``.
 """
 
 from __future__ import annotations
@@ -113,14 +117,16 @@ class WDL(nn.Module):
         dense: the deep part's tower.
     """
 
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module | None) -> None:
         super().__init__()
         self.embedding = EmbeddingWithFirstOrder(spec, cfg.embedding_dim)
         self.dense = dense
-        self.head = nn.Linear(dense.out_dim, 1)
+        self.head = nn.Linear(dense.out_dim, 1) if dense is not None else None
 
     def deep(self, emb: Tensor) -> Tensor:
-        """``emb (B, F, D) -> (B,)``: the deep part's logit."""
+        """``emb (B, F, D) -> (B,)``: the deep part's logit (0 without a DNN)."""
+        if self.dense is None:
+            return emb.new_zeros(emb.shape[0])
         return self.head(self.dense(emb.flatten(1), emb)).squeeze(1)  # (B,)
 
     def wide_and_deep(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,7 +156,7 @@ class DeepFM(WDL):
         dense: the DNN part's tower.
     """
 
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module | None) -> None:
         super().__init__(cfg, spec, dense)
         self.fm = FactorizationMachine()
         self.fm_input = cfg.fm_input
@@ -175,18 +181,20 @@ class DCN(nn.Module):
 
     cross_class: Callable[[int, int], nn.Module] = CrossNetV1
 
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, dense: nn.Module | None) -> None:
         super().__init__()
         self.embedding = FieldEmbedding(spec, cfg.embedding_dim)
         width = self.embedding.num_fields * cfg.embedding_dim
         self.cross = type(self).cross_class(width, cfg.cross_layers)
         self.dense = dense
-        self.head = nn.Linear(width + dense.out_dim, 1)
+        self.head = nn.Linear(width + (dense.out_dim if dense is not None else 0), 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, S) -> (B,)`` logits."""
         emb = self.embedding(x)  # (B, F, D)
         flat = emb.flatten(1)  # (B, E)
+        if self.dense is None:
+            return self.head(self.cross(flat)).squeeze(1)  # (B,)
         both = torch.cat([self.cross(flat), self.dense(flat, emb)], dim=1)  # (B, E + H)
         return self.head(both).squeeze(1)  # (B,)
 

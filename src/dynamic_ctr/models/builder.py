@@ -47,7 +47,7 @@ def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.M
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         in_dim = len(spec.fields) * cfg.embedding_dim
-        dense = build_dense(cfg, spec, in_dim) if cfg.family in DENSE_FAMILIES else None
+        dense = build_dense(cfg, spec, in_dim) if cfg.family in DENSE_FAMILIES and cfg.dnn else None
         model = MODELS[cfg.family](cfg, spec, dense)
     model.config = cfg.to_dict()
     model.spec = spec

@@ -225,6 +225,11 @@ class ModelConfig:
         dropout: dropout after each hidden layer (0 = none).
         batch_norm: BatchNorm1d after each hidden linear map (before the ReLU).
         cross_layers: cross layers of ``dcn``/``dcnv2`` (ignored by other families).
+        dnn: keep the dense tower (default). ``False`` leaves a model's interaction
+            layer alone, as in DynInt Table 2: ``wdl`` becomes logistic regression (its
+            first-order term), ``deepfm`` an FM with its first-order term, ``dcn`` /
+            ``dcnv2`` the cross network and its linear head. ``dnn`` has nothing else
+            and refuses it; ``xdeepint`` never has a DNN and ignores the key.
         fm_input: what ``deepfm``'s FM and first-order terms run over (ignored by other
             families). ``"features"`` (default, Rendle 2010): every active feature,
             each value of a multi-valued field its own feature with x = 1 (pad slots
@@ -247,6 +252,7 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = False
     cross_layers: int = 3
+    dnn: bool = True
     fm_input: str = "features"
     apg: APGConfig | None = None
     dynint: DynIntConfig | None = None
@@ -269,6 +275,11 @@ class ModelConfig:
             raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
         _check_bool("batch_norm", self.batch_norm)
         _check_int("cross_layers", self.cross_layers, 1)
+        _check_bool("dnn", self.dnn)
+        if not self.dnn and self.family == "dnn":
+            raise ValueError("dnn=False: family 'dnn' is its dense tower alone; nothing would be left")
+        if not self.dnn and self.apg is not None:
+            raise ValueError("dnn=False with apg: there is no dense tower to make adaptive")
         _check_choice("fm_input", self.fm_input, FM_INPUTS)
         _check_int("seed", self.seed, 0)
         _check_bool("folded", self.folded)

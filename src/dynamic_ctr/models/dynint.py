@@ -1,7 +1,8 @@
 """DynInt: dynamic Polynomial Interaction Networks (Yan and Li, DLP-KDD 2022).
 
 Standalone modules on field embeddings ``x0 (B, F, D)`` (``FieldEmbedding``'s output)
-that return ``(B,)`` logits; wiring them into ``build_model`` comes later.
+that return ``(B,)`` logits; :class:`XDeepInt` wraps them with the field embeddings
+(``build_model`` family ``xdeepint``).
 
 Paper map:
 
@@ -274,10 +275,18 @@ class WeightedPINLayer(PINLayer):
     """DynInt-DWP, eqs. (6), (9), (10): ``M = (G^(i) o W) X_0``, ``G^(i) = sum_p u~_p v~_p^T``.
 
     W ``(R, R)`` is shared; the K pairs ``u~_p, v~_p (R,)`` are generated from
-    ``sg(X_0)`` (``G`` = all-ones at init). Computed as eq. (10),
-    ``sum_p diag(u~_p) W diag(v~_p) X_0``: ``v~_p`` scales X_0's rows, W maps them,
-    ``u~_p`` scales the result's rows. An instance holds the 2*K*R generated values and
-    ``(K, R, d)`` products; the ``(B, R, R)`` ``G^(i)`` is never built.
+    ``sg(X_0)`` (``G`` = all-ones at init). Two exact forms of the same product, and the
+    layer takes the one that holds less per instance:
+
+    * eq. (10), factorised, ``sum_p diag(u~_p) W diag(v~_p) X_0``: ``v~_p`` scales X_0's
+      rows, W maps them (one GEMM over all instances and pairs), ``u~_p`` scales the
+      result's rows; ``(K, R, d)`` products per instance, no ``(R, R)`` matrix;
+    * direct, ``(G^(i) o W) X_0``: builds ``G^(i)`` and ``W^(i)``, ``(R, R)`` each.
+
+    Factorised when ``K * d <= R`` (bit-wise crossing, many sub-spaces: at h = 16 on
+    Criteo, R = 624 and K d = 4 against R^2 = 389,376 per instance), direct otherwise
+    (h = 1: K d = 64 > R = 39, where the factorised products are the larger and slower;
+    ``benchmarks/dynint_memory.py`` measures both).
 
     Args:
         rows: R. width: d. rank: K <= R. reduction: the generator's r.
@@ -286,6 +295,7 @@ class WeightedPINLayer(PINLayer):
     def __init__(self, rows: int, width: int, rank: int, reduction: int) -> None:
         super().__init__(rows)
         self.rank = rank
+        self.factorised = rank * width <= rows
         self.generator = TwoLayerGenerator(
             rows * width, 2 * rank * rows, reduction, offset=1.0 / math.sqrt(rank)
         )
@@ -296,9 +306,20 @@ class WeightedPINLayer(PINLayer):
         return {"u": u, "v": v}
 
     def mix(self, x0: Tensor, generated: dict[str, Tensor]) -> Tensor:
-        y = generated["v"].unsqueeze(-1) * x0.unsqueeze(1)  # (B, K, R, d): diag(v~_p) X_0
-        y = torch.matmul(self.weight, y)  # (B, K, R, d): W diag(v~_p) X_0
-        return (generated["u"].unsqueeze(-1) * y).sum(1)  # (B, R, d): sum_p diag(u~_p) ...
+        """``x0 (B, R, d) -> (G^(i) o W) X_0 (B, R, d)``, in the cheaper exact form."""
+        return self.mix_factorised(x0, generated) if self.factorised else self.mix_direct(x0, generated)
+
+    def mix_factorised(self, x0: Tensor, generated: dict[str, Tensor]) -> Tensor:
+        """Eq. (10). Laid out ``(B, K, d, R)`` so ``W`` applies as one ``(B K d, R) x (R, R)``
+        GEMM rather than B*K small ones."""
+        y = generated["v"].unsqueeze(2) * x0.transpose(1, 2).unsqueeze(1)  # (B, K, d, R): (diag(v~_p) X_0)^T
+        y = torch.matmul(y, self.weight.t())  # (B, K, d, R): (W diag(v~_p) X_0)^T
+        return (generated["u"].unsqueeze(2) * y).sum(1).transpose(1, 2)  # (B, R, d)
+
+    def mix_direct(self, x0: Tensor, generated: dict[str, Tensor]) -> Tensor:
+        """``(G^(i) o W) X_0`` with ``G^(i) = U~^T V~`` built: ``(B, R, R)``."""
+        gate = torch.bmm(generated["u"].transpose(1, 2), generated["v"])  # (B, R, R): sum_p u~_p v~_p^T
+        return torch.bmm(gate * self.weight, x0)  # (B, R, d)
 
     def orthogonality(self, generated: dict[str, Tensor]) -> Tensor:
         """Eq. (12) for this layer, per instance: ``(B,)``."""
@@ -441,7 +462,8 @@ class FoldedPolynomialInteraction(nn.Module):
       batched ``(L, Q, H)`` matmul, their offsets (DGP 1, DWP 1/sqrt(K)) in the biases;
     * DGP: ``V_1^T .. V_L^T`` are one ``(L*K, R)`` factor (one GEMM for every layer's
       ``V^T X_0``) and ``U_1 .. U_L`` one ``(L, R, K)`` factor (one batched matmul);
-    * DWP: ``W_1 .. W_L`` one ``(L, R, R)`` tensor;
+    * DWP: ``W_1 .. W_L`` one ``(L, R, R)`` tensor, applied in the smaller exact form as
+      :class:`WeightedPINLayer` does;
     * the residual recursion eq. (3) becomes a product, ``X_L = X_0 o prod_l (1 + M_l)``
       (xDeepInt's form).
 
@@ -488,9 +510,13 @@ class FoldedPolynomialInteraction(nn.Module):
             m = torch.einsum("lrk,blkd->blrd", self.U, p.unsqueeze(-1) * t)  # (B, L, R, d)
         else:  # p: (B, L, 2*K*R), the pairs (u~_p, v~_p)
             u, v = p.view(b, num_layers, 2, self.rank, -1).unbind(2)  # (B, L, K, R) each
-            y = v.unsqueeze(-1) * rows[:, None, None]  # (B, L, K, R, d): diag(v~) X_0
-            y = torch.einsum("lrs,blksd->blkrd", self.W, y)  # (B, L, K, R, d)
-            m = (u.unsqueeze(-1) * y).sum(2)  # (B, L, R, d)
+            if self.rank * rows.shape[2] <= rows.shape[1]:  # K d <= R: eq. (10), as WeightedPINLayer
+                y = v.unsqueeze(-1) * rows[:, None, None]  # (B, L, K, R, d): diag(v~) X_0
+                y = torch.einsum("lrs,blksd->blkrd", self.W, y)  # (B, L, K, R, d)
+                m = (u.unsqueeze(-1) * y).sum(2)  # (B, L, R, d)
+            else:  # the smaller form: W^(i) = (sum_p u~_p v~_p^T) o W built
+                gate = torch.einsum("blkr,blks->blrs", u, v)  # (B, L, R, R)
+                m = torch.einsum("blrs,bsd->blrd", gate * self.W, rows)  # (B, L, R, d)
         x = rows * torch.prod(1.0 + m, dim=1)  # (B, R, d): X_L
         return field_readout(x, self.out_weight, self.out_bias)  # (B,)
 

@@ -230,6 +230,7 @@ def plan_suite(
             problems.append(f"{name}: {e}; if this data set cannot have it, declare it under {suite}.not_applicable")
         except (ValueError, TypeError, KeyError) as e:
             problems.append(f"{name}: {e}")
+    problems += report_problems(suite_params.get("report") or {}, registered, suite)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise SuitePlanError(f"{where}: {len(problems)} problem(s) found before training; nothing was trained:\n{lines}")
@@ -237,6 +238,47 @@ def plan_suite(
         "suite": suite, "label": suite_params.get("label", suite), "protocol": protocol, "variants": plan,
         "report": suite_params.get("report") or {},
     }
+
+
+REPORT_KEYS = {"frequency_plot_variants", "paper_rows", "tables"}
+PAPER_ROW_KEYS = {"table", "row", "variant", "base", "paper_base", "paper_variant"}
+TABLE_KEYS = {"title", "variants", "paper"}
+PAPER_METRICS = {"auc", "logloss"}
+
+
+def report_problems(report: dict[str, Any], registered: list[str], suite: str) -> list[str]:
+    """What in ``<suite>.report`` names no variant of the suite, or has unknown keys:
+    found here so a typo stops the run before training, not after it."""
+    where, problems = f"{suite}.report", []
+    known = set(registered)
+
+    def check_names(names: Any, at: str) -> None:
+        missing = [n for n in (names or []) if n not in known]
+        if missing:
+            problems.append(f"{at} names {missing}, not variant(s) of the suite")
+
+    unknown = set(report) - REPORT_KEYS
+    if unknown:
+        problems.append(f"{where} has unknown key(s) {sorted(unknown)}; known: {sorted(REPORT_KEYS)}")
+    check_names(report.get("frequency_plot_variants"), f"{where}.frequency_plot_variants")
+    for i, row in enumerate(report.get("paper_rows") or []):
+        at = f"{where}.paper_rows[{i}]"
+        if set(row) != PAPER_ROW_KEYS:
+            problems.append(f"{at} needs exactly the keys {sorted(PAPER_ROW_KEYS)}, has {sorted(row)}")
+            continue
+        check_names([row["variant"], row["base"]], at)
+    for i, table in enumerate(report.get("tables") or []):
+        at = f"{where}.tables[{i}]"
+        if "title" not in table or set(table) - TABLE_KEYS:
+            problems.append(f"{at} needs a 'title' and may have only {sorted(TABLE_KEYS)}, has {sorted(table)}")
+            continue
+        check_names(table.get("variants"), f"{at}.variants")
+        paper = table.get("paper") or {}
+        check_names(list(paper), f"{at}.paper")
+        for name, figures in paper.items():
+            if not isinstance(figures, dict) or not set(figures) <= PAPER_METRICS:
+                problems.append(f"{at}.paper.{name}={figures!r} must map some of {sorted(PAPER_METRICS)} to numbers")
+    return problems
 
 
 def apply_protocol(training: dict[str, Any], suite_params: dict[str, Any], suite: str) -> tuple[dict[str, Any], dict[str, Any], str]:

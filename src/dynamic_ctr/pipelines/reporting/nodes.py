@@ -119,7 +119,8 @@ def _describe(config: dict[str, Any]) -> dict[str, Any]:
         return {"model_family": "base" if mode == "static" else "dynint", "backbone": "xdeepint",
                 "condition": condition, "apg_version": None, "dynint_mode": mode}
     if not apg:
-        return {"model_family": "base", "backbone": config["family"], "condition": None, "apg_version": None}
+        backbone = config["family"] if config.get("dnn", True) else f"{config['family']} (no DNN)"
+        return {"model_family": "base", "backbone": backbone, "condition": None, "apg_version": None}
     cond = apg.get("condition") or {}
     mode = cond.get("mode", "self")
     text = mode if mode == "self" else f"{mode}({','.join(cond.get('fields') or [])})"
@@ -163,6 +164,44 @@ def _number(value: float) -> float | None:
 def _pct(result: dict[str, Any], key: str) -> float:
     value = result.get(key)
     return math.nan if value is None else 100 * value
+
+
+DEFAULT_TABLES = [{"title": "Every variant on the same split"}]
+
+
+def _seed_interval(values: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean over seeds and its 95% t interval (none from one seed)."""
+    summary = paired_delta(values)  # the one-sample t summary of the per-seed values
+    return summary.mean, _number(summary.ci_low), _number(summary.ci_high)
+
+
+def model_tables(tables: list[dict[str, Any]], metrics: dict[str, dict[str, Any]], described: dict[str, dict[str, Any]],
+                 skipped: dict[str, str | None]) -> pd.DataFrame:
+    """One row per (table, variant): test AUC and LogLoss, mean over seeds with 95% t
+    intervals, beside the paper's figures where the table gives them (DynInt Tables
+    1-2 style; every variant on the same split). ``variants`` absent: every trained
+    variant. A listed variant that did not run keeps its row, with the reason."""
+    rows = []
+    for table in tables:
+        paper = table.get("paper") or {}
+        names = table.get("variants") or list(metrics)
+        for name in names:
+            figures = paper.get(name) or {}
+            row: dict[str, Any] = {"table": table["title"], "variant": name, **{
+                k: described.get(name, {}).get(k) for k in ("model_family", "backbone", "condition")}}
+            if name in metrics:
+                seeds = metrics[name]["seeds"].values()
+                for key in ("auc", "logloss"):
+                    mean, low, high = _seed_interval([m[key] for m in seeds])
+                    row |= {f"{key}_mean": mean, f"{key}_ci95_low": low, f"{key}_ci95_high": high}
+                row |= {"seeds": len(metrics[name]["seeds"]), "status": "trained"}
+            else:
+                row |= {"seeds": 0, "status": f"not applicable: {skipped[name]}" if name in skipped else "not run"}
+            row |= {"paper_auc": figures.get("auc"), "paper_logloss": figures.get("logloss")}
+            rows.append(row)
+    columns = ["table", "variant", "model_family", "backbone", "condition", "auc_mean", "auc_ci95_low", "auc_ci95_high",
+               "logloss_mean", "logloss_ci95_low", "logloss_ci95_high", "seeds", "status", "paper_auc", "paper_logloss"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _budget_text(budget: dict[str, Any] | None) -> str | None:
@@ -227,7 +266,7 @@ def build_report(
     params: dict[str, Any], plan: dict[str, Any], feature_spec: dict[str, Any], domain_stats: pd.DataFrame,
     deployment: dict[str, Any], **artifacts: Any,
 ) -> tuple[dict[str, Any], str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, plt.Figure, plt.Figure]:
-    """The suite's JSON summary, HTML report, paper comparison, efficiency, per-domain
+    """The suite's JSON summary, HTML report, paper comparison, model tables, efficiency, per-domain
     and activity-group-gain tables and the two figures, from the suite plan and every
     variant's ``<variant>__metrics``, ``__predictions``, ``__folding``, ``__summary``,
     ``__history`` and ``__projection``. Variants not applicable to the data set are
@@ -290,6 +329,7 @@ def build_report(
             "seeds": result.get("seeds", 0), "equal_budget": _equal_budget(*budgets), "verdict": outcome,
         })
     comparison = pd.DataFrame(comparison_rows)
+    tables = model_tables(report_params.get("tables") or DEFAULT_TABLES, get["metrics"], by_name, skipped)
 
     efficiency_rows = []
     for n in names:
@@ -347,12 +387,13 @@ def build_report(
         "variants": variants,
         "not_applicable": [{"name": n, "reason": r} for n, r in skipped.items()],
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
+        "tables": tables.astype(object).where(tables.notna(), None).to_dict("records"),
     }
     study_fig = _hyperparameter_plot(get["trials"])
     spectrum_fig = _spectrum_plot({n: next(iter(get["trained"][n].values())) for n in names})
     figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig}
-    report_html = _html(summary, comparison, efficiency, per_domain_mean, domain_stats, gains, figures, by_name)
-    return (summary, report_html, comparison, efficiency, per_domain, gains, frequency_fig, pca_fig, study_fig,
+    report_html = _html(summary, comparison, tables, efficiency, per_domain_mean, domain_stats, gains, figures)
+    return (summary, report_html, comparison, tables, efficiency, per_domain, gains, frequency_fig, pca_fig, study_fig,
             spectrum_fig)
 
 
@@ -423,7 +464,7 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", border=0, classes="t")
 
 
-def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, figures, by_name) -> str:
+def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, gains, figures) -> str:
     overview = pd.DataFrame([
         {k: v for k, v in entry.items() if k in ("name", "model_family", "backbone", "condition", "apg_version", "test_auc", "test_auc_std",
                                                    "test_logloss", "test_gauc_user", "test_gauc_domain", "seeds", "parameter_count")}
@@ -445,6 +486,11 @@ def _html(summary, comparison, efficiency, per_domain, domain_stats, gains, figu
         f"Deployed: <b>{html.escape(dep['variant'])}</b> ({html.escape(dep['selected_by'])}).</p>",
         "<h2>Variants</h2>", _table(overview),
         "<h2>Not applicable on this data set</h2>" + (_table(skipped) if len(skipped) else "<p>None: every variant ran.</p>"),
+        "<h2>Models on the same split (AUC, LogLoss)</h2>",
+        ("<p>Test AUC and LogLoss: mean over seeds and its 95% t interval; the paper's own figures beside them "
+         "(on the paper's data set, named in the title).</p>"),
+        *(f"<h3>{html.escape(str(title))}</h3>" + _table(rows.drop(columns="table"))
+          for title, rows in tables.groupby("table", sort=False)),
         "<h2>Paper delta vs our delta (AUC, % points)</h2>",
         "<p>Paper figures are the paper's own (for APG, the KDD version's, on ML-1M). Ours: the mean over seeds of the "
         "paired test-AUC difference to the base (each seed changes the initialisation and the batch order of both), "

@@ -12,7 +12,7 @@ REPORT_INPUTS = {
     "summary": "tuning_summary", "history": "training_history", "projection": "cores_projection",
     "trials": "study_trials", "trained": "trained_model",
 }
-REPORT_OUTPUTS = ("report_summary", "report_html", "paper_comparison", "efficiency_table", "per_domain_auc",
+REPORT_OUTPUTS = ("report_summary", "report_html", "paper_comparison", "model_tables", "efficiency_table", "per_domain_auc",
                   "frequency_gain_table", "frequency_gain_plot", "cores_pca_plot", "hyperparameter_study_plot",
                   "kernel_spectrum_plot")
 
