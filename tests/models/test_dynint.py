@@ -18,6 +18,7 @@ from dynamic_ctr.models.dynint import (
     FoldedPolynomialInteraction,
     PolynomialInteraction,
     TwoLayerGenerator,
+    fused_hidden,
     orthogonal_penalty,
     split_subspaces,
 )
@@ -243,6 +244,16 @@ def test_gradients_reach_every_parameter(mode):
 
 
 @pytest.mark.parametrize("mode", ["da", "dgp", "dwp"])
+def test_fused_generator_hidden_units_equal_each_generator_alone(mode):
+    net = _model(mode)
+    z = _x0().flatten(1)
+    fused = fused_hidden([layer.generator for layer in net.layers], z)
+    for layer, hidden in zip(net.layers, fused, strict=True):
+        for key, value in layer.generate(z, hidden).items():
+            torch.testing.assert_close(value, layer.generate(z)[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["da", "dgp", "dwp"])
 def test_generators_block_the_gradient_to_x0(mode, monkeypatch):
     net = _model(mode)
     x0 = _x0().requires_grad_()
@@ -252,8 +263,8 @@ def test_generators_block_the_gradient_to_x0(mode, monkeypatch):
         """x0's gradient when every generator reads ``source`` instead of sg(x0)."""
         with monkeypatch.context() as m:
             for layer in net.layers:
-                m.setattr(layer, "generate",
-                          lambda z, layer=layer: type(layer).generate(layer, source.flatten(1)))
+                m.setattr(layer, "generate",  # the fused hidden units are ignored: recomputed from source
+                          lambda z, hidden, layer=layer: type(layer).generate(layer, source.flatten(1)))
             return torch.autograd.grad(net(x0).sum(), x0)[0]
 
     torch.testing.assert_close(grad, grad_with(x0.detach()))  # generated values are constants
