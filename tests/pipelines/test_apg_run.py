@@ -71,7 +71,8 @@ def test_train_fold_report_and_score(project: Path) -> None:
     assert budgets["wdl_apg"]["common_dimensions"] == budgets["wdl"]["common_dimensions"]
 
     html = _latest(project, "data/08_reporting/tiny/apg/report.html").read_text()
-    assert html.count("<img") == 4 and "Paper delta vs our delta" in html and "Hyper-parameter studies" in html
+    assert html.count("<img") == 5 and "Paper delta vs our delta" in html and "Hyper-parameter studies" in html
+    assert "Gain per domain-size bin" in html and "AdaSparse" not in html  # no AdaSparse variant here
     for figure in ("frequency_gain.png", "cores_pca.png"):
         assert _latest(project, f"data/08_reporting/tiny/apg/{figure}").stat().st_size > 1000
     projection = pd.read_parquet(_latest(project, "data/08_reporting/tiny/wdl_apg/cores_projection.parquet"))

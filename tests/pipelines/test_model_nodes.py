@@ -145,7 +145,8 @@ def test_model_tables_give_seed_means_with_t_intervals_and_the_papers_figures() 
 
     aucs, loglosses = [0.71, 0.73, 0.74], [0.52, 0.50, 0.49]
     metrics = {
-        "xdeepint": {"seeds": {f"seed_{i}": {"auc": a, "logloss": l} for i, (a, l) in enumerate(zip(aucs, loglosses))}},
+        "xdeepint": {"seeds": {f"seed_{i}": {"auc": a, "logloss": l, "gauc_domain": a - 0.01}
+                               for i, (a, l) in enumerate(zip(aucs, loglosses))}},
         "fm": {"seeds": {"seed_0": {"auc": 0.70, "logloss": 0.55}}},
     }
     described = {"xdeepint": {"model_family": "base", "backbone": "xdeepint", "condition": None}}
@@ -159,7 +160,88 @@ def test_model_tables_give_seed_means_with_t_intervals_and_the_papers_figures() 
     assert row["auc_mean"] == pytest.approx(np.mean(aucs)) and row["seeds"] == 3
     assert (row["auc_ci95_low"], row["auc_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
     assert row["logloss_ci95_low"] < np.mean(loglosses) < row["logloss_ci95_high"]
+    assert row["gauc_domain_mean"] == pytest.approx(np.mean(aucs) - 0.01)  # over domains, where the data has them
+    assert pd.isna(t1.loc["fm", "gauc_domain_mean"])
     assert row["paper_auc"] == 0.8111 and pd.isna(row["paper_logloss"]) and row["backbone"] == "xdeepint"
     assert pd.isna(t1.loc["fm", "auc_ci95_low"]) and t1.loc["fm", "auc_mean"] == 0.70  # one seed: no interval
     assert t1.loc["ref_dnn", "status"] == "not applicable: no such field" and t1.loc["ref_dnn", "seeds"] == 0
     assert list(frame[frame["table"] == "all"]["variant"]) == ["xdeepint", "fm"]  # no list: every trained variant
+
+
+def _with_domains(spec, test):
+    """The tiny split with a 4-domain field (from the hour), as the domains pipeline adds one."""
+    from dynamic_ctr.spec import FieldSpec
+
+    spec = spec.with_field(FieldSpec("domain", "categorical", vocab_size=6, source="domain"), domain_field="domain")
+    return spec, test.assign(domain=(test["hour"].to_numpy() % 4 + 2).astype(np.int32))
+
+
+def test_fold_variant_records_adasparse_sparsity_and_checks_each_domains_pruned_form(tiny) -> None:
+    spec, test = _with_domains(*tiny)
+    config = {"family": "dnn", "hidden_units": [32, 16], "seed": 3,
+              "adasparse": {"formulation": "binarization", "pruner_input": "domain"}}
+    model = build_model(config, spec)
+    with torch.no_grad():  # as if trained: alpha annealed, factors exactly zero for some domains
+        model.embedding.table.weight.normal_(0, 1.0)
+        model.dense.alpha.fill_(5.0)
+        for pruner in model.dense.pruners:
+            pruner.weight.normal_(0, 1.0)
+    folded, check = folding.fold_variant({"seed_1": model}, test, spec.to_dict(), FOLDING)
+    record = check["adasparse"]
+    assert record["formulation"] == "binarization" and len(record["sparsity_by_layer"]) == 2
+    assert 0 < max(record["sparsity_by_layer"]) < 1
+    assert sorted(record["domains"]) == ["2", "3", "4", "5"]
+    assert sum(d["rows"] for d in record["domains"].values()) == len(test)
+    masks = [d["mean_factors"][0] for d in record["domains"].values()]
+    assert all(set(np.unique(m)) <= {0.0, 1.0} for m in masks)  # one 0/1 mask per domain
+    assert len({tuple(m) for m in masks}) > 1  # the domains are pruned differently
+    assert record["pruned_max_abs_diff"] <= FOLDING["tolerance"]
+    assert all(d["pruned_parameters"] < check["parameters"] for d in record["domains"].values())
+    assert record["pruned_latency"]["pruned_ms"] > 0 and record["pruned_latency"]["masked_ms"] > 0
+    # with eq. (3)'s input the masks depend on the instance: no pruned form, sparsity still recorded
+    config["adasparse"]["pruner_input"] = "domain_and_hidden"
+    _, check = folding.fold_variant({"seed_1": build_model(config, spec)}, test, spec.to_dict(), FOLDING)
+    assert "pruned_latency" not in check["adasparse"] and len(check["adasparse"]["domains"]) == 4
+
+
+def test_domain_gains_bin_domains_by_size_and_count_uplifted_domains() -> None:
+    from dynamic_ctr.pipelines.reporting.nodes import domain_gains
+
+    sizes = {"2": 500, "3": 250, "4": 150, "5": 60, "6": 30, "7": 10}  # rows per domain (a long tail)
+    base_auc = {d: 0.70 for d in sizes}
+    gain = {"2": 0.01, "3": 0.02, "4": -0.01, "5": 0.03, "6": 0.0, "7": 0.05}
+
+    def seeds(offset):
+        return {s: {"by_domain": {d: {"auc": base_auc[d] + offset.get(d, 0.0), "samples": n} for d, n in sizes.items()}}
+                for s in ("seed_1", "seed_2")}
+
+    metrics = {"base": {"seeds": seeds({})}, "var": {"seeds": seeds(gain)}}
+    table, ratios = domain_gains(metrics, {"var": "base", "base": None})
+    assert ratios == {"var": pytest.approx(4 / 6)}  # domains 2, 3, 5, 7 beat the base
+    by_bin = table.set_index("bin")
+    # 1000 rows, bins of 200: domain 2 starts at 0 (bin 1), 3 at 500 (bin 3), 4 at 750 (bin 4),
+    # 5 at 900, 6 at 960 and 7 at 990 (bin 5)
+    assert list(by_bin.index) == [1, 3, 4, 5] and list(by_bin["domains"]) == [1, 1, 1, 3]
+    assert by_bin.loc[5, "samples"] == 100
+    assert by_bin.loc[5, "auc_gain_pct"] == pytest.approx(100 * (0.03 * 60 + 0.0 * 30 + 0.05 * 10) / 100)
+    assert by_bin.loc[1, "auc_gain_pct"] == pytest.approx(1.0)
+
+
+def test_parameters_by_grain_count_per_item_domain_parameters_without_allocating(tiny) -> None:
+    from dynamic_ctr.pipelines.reporting.nodes import parameters_by_grain
+
+    spec, test = _with_domains(*tiny)
+    configs = {
+        "md_dnn": {"family": "dnn", "hidden_units": [16]},
+        "star": {"family": "star", "hidden_units": [16], "domain_field": "domain"},
+        "apg": {"family": "dnn", "hidden_units": [16], "apg": {"version": "v4", "rank": 2,
+                                                               "condition": {"mode": "group", "fields": ["domain"]}}},
+    }
+    table = parameters_by_grain(configs, spec).set_index("variant")
+    assert table.loc["md_dnn", "parameters_coarse"] == table.loc["md_dnn", "parameters_fine"]
+    star_fine = build_model({**configs["star"], "domain_field": spec.item_field}, spec)
+    from dynamic_ctr.models import count_parameters
+
+    assert table.loc["star", "parameters_fine"] == count_parameters(star_fine) > table.loc["star", "parameters_coarse"]
+    # APG generates its per-item parameters: the fine grain costs it only the condition's width
+    assert table.loc["apg", "parameters_fine"] == table.loc["apg", "parameters_coarse"]

@@ -86,7 +86,19 @@ class EmbeddingWithFirstOrder(FieldEmbedding):
         return both[..., :-1], total[:, -1] + self.bias, total[:, :-1], sq_norms
 
 
-class DNN(nn.Module):
+class _Backbone(nn.Module):
+    """What every backbone shares: the dense tower's own loss term, when it has one."""
+
+    dense: nn.Module | None
+
+    def penalty(self) -> Tensor | None:
+        """The tower's model-supplied loss term (AdaSparse's sparsity regulariser of the
+        last training forward), or None; the training loop adds it after each forward."""
+        penalty = getattr(self.dense, "penalty", None)
+        return penalty() if callable(penalty) else None
+
+
+class DNN(_Backbone):
     """Embedding + dense tower + linear head.
 
     Args:
@@ -108,7 +120,7 @@ class DNN(nn.Module):
         return self.head(h).squeeze(1)  # (B,)
 
 
-class WDL(nn.Module):
+class WDL(_Backbone):
     """Wide & Deep (Cheng et al., 2016, https://arxiv.org/abs/1606.07792).
 
     Args:
@@ -170,7 +182,7 @@ class DeepFM(WDL):
         return linear + self.fm.from_sums(total, sq_norms) + self.deep(emb)
 
 
-class DCN(nn.Module):
+class DCN(_Backbone):
     """Deep & Cross Network (Wang et al., 2017), cross and deep parts in parallel.
 
     Args:

@@ -7,24 +7,39 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynamic_ctr.models.adasparse import AdaSparseTower
 from dynamic_ctr.models.apg import APGTower
 from dynamic_ctr.models.backbones import BACKBONES
 from dynamic_ctr.models.config import DENSE_FAMILIES, ModelConfig, resolve_config
 from dynamic_ctr.models.dynint import XDeepInt
+from dynamic_ctr.models.embedding import field_order
 from dynamic_ctr.models.layers import MLPTower
+from dynamic_ctr.models.multidomain import STAR, MMoE
 from dynamic_ctr.spec import FeatureSpec
 
 __all__ = ["MODELS", "build_dense", "build_model"]
 
-#: Every model family: the backbones around a dense tower, and xDeepInt/DynInt.
-MODELS = {**BACKBONES, "xdeepint": XDeepInt}
+#: Every model family: the backbones around a dense tower, xDeepInt/DynInt, and the
+#: multi-domain networks.
+MODELS = {**BACKBONES, "xdeepint": XDeepInt, "star": STAR, "mmoe": MMoE}
 
 
 def build_dense(cfg: ModelConfig, spec: FeatureSpec, in_dim: int) -> nn.Module:
-    """The dense tower of ``cfg``: static MLP, or APG when ``cfg.apg`` is set."""
-    if cfg.apg is None:
-        return MLPTower(cfg, in_dim)
-    return APGTower(cfg, spec, in_dim)
+    """The dense tower of ``cfg``: static MLP, APG when ``cfg.apg`` is set, AdaSparse's
+    pruned tower when ``cfg.adasparse`` is."""
+    if cfg.apg is not None:
+        return APGTower(cfg, spec, in_dim)
+    if cfg.adasparse is not None:
+        a = cfg.adasparse
+        order = field_order(spec)
+        return AdaSparseTower(
+            in_dim, cfg.hidden_units, [order.index(f) for f in a.fields], cfg.embedding_dim,
+            formulation=a.formulation, pruner_input=a.pruner_input, beta=a.beta, epsilon=a.epsilon,
+            alpha_start=a.alpha_start, alpha_max=a.alpha_max, anneal_steps=a.anneal_steps, r_min=a.r_min,
+            r_max=a.r_max, lambda_start=a.lambda_start, lambda_growth=a.lambda_growth, lambda_max=a.lambda_max,
+            dropout=cfg.dropout, batch_norm=cfg.batch_norm, stop_gradient=a.stop_gradient,
+        )
+    return MLPTower(cfg, in_dim)
 
 
 def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.Module:

@@ -18,12 +18,16 @@ from typing import Any
 from dynamic_ctr.spec import FeatureSpec
 
 __all__ = [
+    "ADASPARSE_FORMULATIONS",
     "APG_VERSIONS",
     "COMBINES",
     "FAMILIES",
     "FM_INPUTS",
     "APGConfig",
+    "AdaSparseConfig",
     "ConditionConfig",
+    "MMoEConfig",
+    "StarConfig",
     "DynIntConfig",
     "ModelConfig",
     "layer_widths",
@@ -31,9 +35,14 @@ __all__ = [
     "resolve_config",
 ]
 
-FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint")
-#: Families with a dense (MLP or APG) tower; xdeepint is its interaction network alone.
+FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint", "star", "mmoe")
+#: Families with a dense (MLP, APG or AdaSparse) tower; xdeepint is its interaction
+#: network alone; star and mmoe are multi-domain networks of their own.
 DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2")
+#: Families that read a domain id per sample (``domain_field``).
+DOMAIN_FAMILIES = ("star", "mmoe")
+ADASPARSE_FORMULATIONS = ("binarization", "scaling", "fusion")
+PRUNER_INPUTS = ("domain_and_hidden", "domain")
 DYNINT_MODES = ("static", "da", "dgp", "dwp")
 APG_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 CONDITION_MODES = ("self", "group", "mix")
@@ -61,6 +70,21 @@ def _check_bool(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} must be one of {choices}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        bound = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be a finite number in {bound}")
+
+
+def _check_units(name: str, value: Any) -> None:
+    if not isinstance(value, tuple) or not value:
+        raise ValueError(f"{name}={value!r} must be a non-empty list of widths")
+    for h in value:
+        _check_int(name, h, 1)
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,91 @@ class DynIntConfig:
 
 
 @dataclass(frozen=True)
+class AdaSparseConfig:
+    """AdaSparse (Yang et al., CIKM 2022): a domain-adaptive pruner in every hidden layer
+    of the dense tower (``models/adasparse.py``). Defaults are §4.1.2's.
+
+    Args:
+        formulation: ``binarization`` (0/1 factors, eqs. 4-5), ``scaling`` (``beta
+            sigma(v)``, eqs. 6-7) or ``fusion`` (eq. 8).
+        pruner_input: ``domain_and_hidden`` (eq. 3, ``[e_d; h^l]``) or ``domain``
+            (``e_d`` only: the factors depend on the domain alone, which makes the
+            per-domain pruned serving form exact).
+        fields: the domain-aware fields whose embeddings form ``e_d``; default the
+            model's ``domain_field``.
+        beta, epsilon: the scale and the threshold of the factors.
+        alpha_start, alpha_max, anneal_steps: the sigmoid slope alpha, annealed over
+            training steps (never in evaluation).
+        r_min, r_max: the sparsity-ratio boundary of the regulariser (eqs. 9-10).
+        lambda_start, lambda_growth, lambda_max: the regulariser's lambda-hat, growing
+            linearly per training step up to ``lambda_max``.
+        stop_gradient: the pruner reads ``sg([e_d; h^l])``.
+    """
+
+    formulation: str = "binarization"
+    pruner_input: str = "domain_and_hidden"
+    fields: tuple[str, ...] = ()
+    beta: float = 2.0
+    epsilon: float = 0.25
+    alpha_start: float = 0.1
+    alpha_max: float = 5.0
+    anneal_steps: int = 1000
+    r_min: float = 0.15
+    r_max: float = 0.25
+    lambda_start: float = 0.01
+    lambda_growth: float = 1e-4
+    lambda_max: float = 1.0
+    stop_gradient: bool = True
+
+    def __post_init__(self) -> None:
+        p = "adasparse."
+        _check_choice(p + "formulation", self.formulation, ADASPARSE_FORMULATIONS)
+        _check_choice(p + "pruner_input", self.pruner_input, PRUNER_INPUTS)
+        if not isinstance(self.fields, tuple) or not all(isinstance(f, str) for f in self.fields):
+            raise ValueError(f"{p}fields={self.fields!r} must be a list of field names")
+        _check_float(p + "beta", self.beta, 1.0)
+        _check_float(p + "epsilon", self.epsilon, 0.0, low_open=True)
+        _check_float(p + "alpha_start", self.alpha_start, 0.0, low_open=True)
+        _check_float(p + "alpha_max", self.alpha_max, self.alpha_start)
+        _check_int(p + "anneal_steps", self.anneal_steps, 1)
+        _check_float(p + "r_min", self.r_min, 0.0, 1.0)
+        _check_float(p + "r_max", self.r_max, self.r_min, 1.0)
+        for name in ("lambda_start", "lambda_growth", "lambda_max"):
+            _check_float(p + name, getattr(self, name), 0.0)
+        _check_bool(p + "stop_gradient", self.stop_gradient)
+
+
+@dataclass(frozen=True)
+class StarConfig:
+    """STAR (Sheng et al., CIKM 2021; ``models/star.py``): the star-topology network on
+    ``hidden_units`` with partitioned normalisation and an auxiliary network of widths
+    ``aux_hidden`` on the domain embedding."""
+
+    aux_hidden: tuple[int, ...] = (64,)
+    norm: bool = True
+
+    def __post_init__(self) -> None:
+        _check_units("star.aux_hidden", self.aux_hidden)
+        _check_bool("star.norm", self.norm)
+
+
+@dataclass(frozen=True)
+class MMoEConfig:
+    """MMoE (Ma et al., KDD 2018; ``models/mmoe.py``) with one gate and one tower per
+    domain: ``num_experts`` shared experts of widths ``expert_units``, towers of
+    ``tower_units``."""
+
+    num_experts: int = 4
+    expert_units: tuple[int, ...] = (128, 64)
+    tower_units: tuple[int, ...] = (32,)
+
+    def __post_init__(self) -> None:
+        _check_int("mmoe.num_experts", self.num_experts, 1)
+        _check_units("mmoe.expert_units", self.expert_units)
+        _check_units("mmoe.tower_units", self.tower_units)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One CTR model: a backbone family, its dense tower, and optionally APG.
 
@@ -239,6 +348,12 @@ class ModelConfig:
             (the DNN part's input; the behaviour before this key existed). The two
             agree when every field is single-valued.
         apg: None for a static dense tower, else every hidden linear map is an APG layer.
+        adasparse: None, or AdaSparse's pruner in every hidden layer of the dense tower
+            (see :class:`AdaSparseConfig`); not together with ``apg``.
+        domain_field: the field whose value is a sample's domain for ``star``, ``mmoe``
+            and AdaSparse's default ``e_d`` (categorical; default ``spec.domain_field``).
+            A coarse partition (a genre) or a fine one (the item, APG Table 6).
+        star, mmoe: the settings of those families (defaults when absent).
         dynint: the interaction network of family ``xdeepint`` (required there, refused
             elsewhere); ``hidden_units``, ``dropout`` and ``batch_norm`` do not apply to it.
         seed: seed of the parameter init (``build_model`` does not touch the global RNG).
@@ -255,6 +370,10 @@ class ModelConfig:
     dnn: bool = True
     fm_input: str = "features"
     apg: APGConfig | None = None
+    adasparse: AdaSparseConfig | None = None
+    domain_field: str | None = None
+    star: StarConfig | None = None
+    mmoe: MMoEConfig | None = None
     dynint: DynIntConfig | None = None
     seed: int = 0
     folded: bool = False
@@ -278,8 +397,21 @@ class ModelConfig:
         _check_bool("dnn", self.dnn)
         if not self.dnn and self.family == "dnn":
             raise ValueError("dnn=False: family 'dnn' is its dense tower alone; nothing would be left")
-        if not self.dnn and self.apg is not None:
-            raise ValueError("dnn=False with apg: there is no dense tower to make adaptive")
+        if not self.dnn and (self.apg is not None or self.adasparse is not None):
+            raise ValueError("dnn=False with apg or adasparse: there is no dense tower to make adaptive")
+        if self.apg is not None and self.adasparse is not None:
+            raise ValueError("adasparse: a tower is either APG or AdaSparse, not both")
+        if self.adasparse is not None:
+            if not isinstance(self.adasparse, AdaSparseConfig):
+                raise ValueError(f"adasparse={self.adasparse!r} must be an AdaSparseConfig or None")
+            if self.family not in DENSE_FAMILIES:
+                raise ValueError(f"adasparse: family {self.family!r} has no dense tower to prune")
+        if self.domain_field is not None and not isinstance(self.domain_field, str):
+            raise ValueError(f"domain_field={self.domain_field!r} must be a field name")
+        for key, kind in (("star", StarConfig), ("mmoe", MMoEConfig)):
+            value = getattr(self, key)
+            if value is not None and (self.family != key or not isinstance(value, kind)):
+                raise ValueError(f"{key}={value!r}: only family {key!r} takes it, as a {kind.__name__}")
         _check_choice("fm_input", self.fm_input, FM_INPUTS)
         _check_int("seed", self.seed, 0)
         _check_bool("folded", self.folded)
@@ -343,12 +475,17 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
             value = None if value is None else _from_dict(APGConfig, value, "apg.")
         elif key == "dynint":
             value = None if value is None else _from_dict(DynIntConfig, value, "dynint.")
+        elif key in SUB_CONFIGS:
+            value = None if value is None else _from_dict(SUB_CONFIGS[key], value, key + ".")
         elif key == "condition":
             value = _from_dict(ConditionConfig, value, prefix + "condition.")
-        elif key in ("hidden_units", "fields", "rank"):
+        elif key in ("hidden_units", "fields", "rank", "aux_hidden", "expert_units", "tower_units"):
             value = _tuplify(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+SUB_CONFIGS: dict[str, type] = {"adasparse": AdaSparseConfig, "star": StarConfig, "mmoe": MMoEConfig}
 
 
 def parse_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
@@ -364,6 +501,31 @@ def layer_widths(cfg: ModelConfig, spec: FeatureSpec) -> list[tuple[int, int]]:
     return list(itertools.pairwise(dims))
 
 
+def _resolve_domains(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
+    """Fill ``domain_field`` (star, mmoe, AdaSparse) and AdaSparse's ``fields`` from the
+    spec, check that they exist, and give star / mmoe their default settings."""
+    needs_domain = cfg.family in DOMAIN_FAMILIES or cfg.adasparse is not None
+    if not needs_domain:
+        return cfg
+    known = {f.name: f for f in spec.fields}
+    domain = cfg.domain_field or spec.domain_field
+    if cfg.family in DOMAIN_FAMILIES or (cfg.adasparse is not None and not cfg.adasparse.fields):
+        if domain is None:
+            raise ValueError("domain_field: the spec has no domain field; name one (e.g. '@domain' or a column)")
+        if domain not in known or known[domain].kind != "categorical":
+            raise ValueError(f"domain_field={domain!r} must be a categorical field of the spec {sorted(known)}")
+    updates: dict[str, Any] = {"domain_field": domain}
+    if cfg.family in DOMAIN_FAMILIES and getattr(cfg, cfg.family) is None:
+        updates[cfg.family] = StarConfig() if cfg.family == "star" else MMoEConfig()
+    if cfg.adasparse is not None:
+        fields_ = cfg.adasparse.fields or (domain,)
+        unknown = [f for f in fields_ if f not in known]
+        if unknown:
+            raise ValueError(f"adasparse.fields: no field(s) {unknown} in the spec {sorted(known)}")
+        updates["adasparse"] = replace(cfg.adasparse, fields=tuple(fields_))
+    return replace(cfg, **updates)
+
+
 def resolve_config(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> ModelConfig:
     """Parse ``config`` and fill the spec-dependent defaults.
 
@@ -371,7 +533,7 @@ def resolve_config(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> M
     fields) and the mix defaults (``aggregation="input"``, ``combine="attention"``),
     and checks every field name and every rank ``K <= min(d_in, d_out)``.
     """
-    cfg = parse_config(config)
+    cfg = _resolve_domains(parse_config(config), spec)
     if cfg.apg is None:
         return cfg
     apg = cfg.apg

@@ -1,5 +1,6 @@
 """Deployment folding (APG KDD §3.2.4, "No Additional Inference Latency and Memory Cost";
-DynInt §3.5: DGP's and DWP's instance-independent factors precomputed).
+DynInt §3.5: DGP's and DWP's instance-independent factors precomputed; STAR: shared and
+domain-specific weights multiplied out per domain).
 
 ``fold_model`` returns a new module whose over-parameterised shared matrices are
 multiplied out once (``V = V^1 ... V^J``, ``U = U^1 ... U^J``: a v5 layer becomes the
@@ -17,6 +18,7 @@ from torch import nn
 from dynamic_ctr.models.apg import APGLinear
 from dynamic_ctr.models.config import parse_config
 from dynamic_ctr.models.dynint import PolynomialInteraction
+from dynamic_ctr.models.star import StarNetwork
 
 __all__ = ["fold_apg_linear", "fold_model"]
 
@@ -62,6 +64,8 @@ def fold_model(model: nn.Module) -> nn.Module:
                 setattr(module, name, fold_apg_linear(child))
             elif isinstance(child, PolynomialInteraction) and child.mode in ("dgp", "dwp"):
                 setattr(module, name, child.fold())  # DynInt: instance-independent parts precomputed
+            elif isinstance(child, StarNetwork):
+                setattr(module, name, child.fold())  # STAR: W_shared o W_d per domain
     folded.eval()
     config = getattr(model, "config", None)
     if config is not None:

@@ -15,7 +15,24 @@ from torch import Tensor, nn
 
 from dynamic_ctr.models.config import ModelConfig
 
-__all__ = ["CrossNetV1", "CrossNetV2", "FactorizationMachine", "HiddenActivation", "MLPTower"]
+__all__ = ["CrossNetV1", "CrossNetV2", "FactorizationMachine", "HiddenActivation", "MLPTower", "check_domain_input"]
+
+
+def check_domain_input(h: Tensor, domain: Tensor, in_dim: int, num_domains: int) -> int:
+    """The input checks of a multi-domain network (STAR, MMoE): ``h (B, in_dim)`` and
+    integer ``domain (B,)`` ids in ``[0, num_domains)`` (a negative id would silently pick
+    the last domain). Returns B; raises ``ValueError`` naming what is wrong.
+    """
+    b = h.shape[0] if h.ndim == 2 else -1
+    if h.ndim != 2 or h.shape[1] != in_dim:
+        raise ValueError(f"h must be (B, {in_dim}), got {tuple(h.shape)}")
+    if domain.shape != (b,) or domain.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"domain must be an int64 ({b},) tensor, got {domain.dtype} {tuple(domain.shape)}")
+    if b:
+        low, high = torch.aminmax(domain)
+        if int(low) < 0 or int(high) >= num_domains:
+            raise ValueError(f"domain ids must be in [0, {num_domains}), got [{int(low)}, {int(high)}]")
+    return b
 
 
 class HiddenActivation(nn.Module):

@@ -24,9 +24,9 @@ import yaml
 from kedro.pipeline import Pipeline, node
 
 #: Every suite, in report order; each is a pipeline of the same name.
-SUITES = ("apg", "dynint")
+SUITES = ("apg", "dynint", "multidomain")
 #: The suites ``__default__`` runs: those that fit the shipped MovieLens data.
-DEFAULT_SUITES = ("apg", "dynint")
+DEFAULT_SUITES = ("apg", "dynint", "multidomain")
 
 
 def suite_file(suite: str) -> Path:

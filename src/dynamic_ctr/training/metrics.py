@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dynamic_ctr.training.batching import TensorData, batches
+from dynamic_ctr.training.device import flush_denormals
 
 __all__ = ["auc", "evaluate", "gauc", "log_loss"]
 
@@ -145,6 +146,7 @@ def evaluate(
     Returns:
         ``(N,)`` float64 probabilities.
     """
+    flush_denormals()
     was_training = model.training
     model.eval()
     try:

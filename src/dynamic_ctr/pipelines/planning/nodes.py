@@ -243,7 +243,7 @@ def plan_suite(
 REPORT_KEYS = {"frequency_plot_variants", "paper_rows", "tables"}
 PAPER_ROW_KEYS = {"table", "row", "variant", "base", "paper_base", "paper_variant"}
 TABLE_KEYS = {"title", "variants", "paper"}
-PAPER_METRICS = {"auc", "logloss"}
+PAPER_METRICS = {"auc", "logloss", "gauc_domain"}
 
 
 def report_problems(report: dict[str, Any], registered: list[str], suite: str) -> list[str]:

@@ -112,7 +112,13 @@ def evaluate_variant(
 
 def _describe(config: dict[str, Any]) -> dict[str, Any]:
     """Model family, backbone and condition of a model config, for the summary."""
-    apg, dynint = config.get("apg"), config.get("dynint")
+    apg, dynint, adasparse = config.get("apg"), config.get("dynint"), config.get("adasparse")
+    if config["family"] in ("star", "mmoe"):  # a network per domain partition
+        return {"model_family": "multidomain", "backbone": config["family"],
+                "condition": f"domain({config.get('domain_field')})", "apg_version": None}
+    if adasparse:
+        return {"model_family": "adasparse", "backbone": config["family"], "apg_version": None,
+                "condition": f"{adasparse['formulation']}({','.join(adasparse.get('fields') or [])})"}
     if dynint:  # xDeepInt (static) or a DynInt form; the "condition" is what drives W
         mode = dynint["mode"]
         condition = None if mode == "static" else f"{mode}(sg(X_0))"
@@ -167,6 +173,7 @@ def _pct(result: dict[str, Any], key: str) -> float:
 
 
 DEFAULT_TABLES = [{"title": "Every variant on the same split"}]
+PAPER_METRICS = ("auc", "logloss", "gauc_domain")  # what a table's `paper` figures may give
 
 
 def _seed_interval(values: list[float]) -> tuple[float, float | None, float | None]:
@@ -177,10 +184,11 @@ def _seed_interval(values: list[float]) -> tuple[float, float | None, float | No
 
 def model_tables(tables: list[dict[str, Any]], metrics: dict[str, dict[str, Any]], described: dict[str, dict[str, Any]],
                  skipped: dict[str, str | None]) -> pd.DataFrame:
-    """One row per (table, variant): test AUC and LogLoss, mean over seeds with 95% t
-    intervals, beside the paper's figures where the table gives them (DynInt Tables
-    1-2 style; every variant on the same split). ``variants`` absent: every trained
-    variant. A listed variant that did not run keeps its row, with the reason."""
+    """One row per (table, variant): test AUC, LogLoss and GAUC over domains (when the
+    data has domains), mean over seeds with 95% t intervals, beside the paper's figures
+    where the table gives them (DynInt Tables 1-2, AdaSparse Table 1 style; every
+    variant on the same split). ``variants`` absent: every trained variant. A listed
+    variant that did not run keeps its row, with the reason."""
     rows = []
     for table in tables:
         paper = table.get("paper") or {}
@@ -191,16 +199,18 @@ def model_tables(tables: list[dict[str, Any]], metrics: dict[str, dict[str, Any]
                 k: described.get(name, {}).get(k) for k in ("model_family", "backbone", "condition")}}
             if name in metrics:
                 seeds = metrics[name]["seeds"].values()
-                for key in ("auc", "logloss"):
-                    mean, low, high = _seed_interval([m[key] for m in seeds])
+                for key in ("auc", "logloss", "gauc_domain"):
+                    values = [m[key] for m in seeds if m.get(key) is not None and math.isfinite(m[key])]
+                    mean, low, high = _seed_interval(values) if values else (None, None, None)
                     row |= {f"{key}_mean": mean, f"{key}_ci95_low": low, f"{key}_ci95_high": high}
                 row |= {"seeds": len(metrics[name]["seeds"]), "status": "trained"}
             else:
                 row |= {"seeds": 0, "status": f"not applicable: {skipped[name]}" if name in skipped else "not run"}
-            row |= {"paper_auc": figures.get("auc"), "paper_logloss": figures.get("logloss")}
+            row |= {f"paper_{key}": figures.get(key) for key in PAPER_METRICS}
             rows.append(row)
-    columns = ["table", "variant", "model_family", "backbone", "condition", "auc_mean", "auc_ci95_low", "auc_ci95_high",
-               "logloss_mean", "logloss_ci95_low", "logloss_ci95_high", "seeds", "status", "paper_auc", "paper_logloss"]
+    columns = ["table", "variant", "model_family", "backbone", "condition",
+               *(f"{key}_{part}" for key in ("auc", "logloss", "gauc_domain") for part in ("mean", "ci95_low", "ci95_high")),
+               "seeds", "status", *(f"paper_{key}" for key in PAPER_METRICS)]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -228,19 +238,25 @@ def _figure_html(fig: plt.Figure) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _frequency_plot(gains: pd.DataFrame) -> plt.Figure:
+def _gain_plot(gains: pd.DataFrame, x: str, xlabel: str, title: str, empty: str) -> plt.Figure:
+    """Each variant's test-AUC gain over its base (% points) against ``gains[x]``."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if gains.empty:
-        ax.text(0.5, 0.5, "no activity groups (frequency_key is null)", ha="center", va="center")
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
     for variant, rows in gains.groupby("variant", sort=False):
-        ax.plot(rows["group"], rows["auc_gain_pct"], marker="o", label=variant)
+        ax.plot(rows[x], rows["auc_gain_pct"], marker="o", label=variant)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("activity group (0 = least active users)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test AUC gain vs base (% points)")
-    ax.set_title("Gain per activity group (cf. APG Figure 8)")
+    ax.set_title(title)
     if not gains.empty:
         ax.legend(fontsize=7, ncol=2)
     return fig
+
+
+def _frequency_plot(gains: pd.DataFrame) -> plt.Figure:
+    return _gain_plot(gains, "group", "activity group (0 = least active users)", "Gain per activity group (cf. APG Figure 8)",
+                      "no activity groups (frequency_key is null)")
 
 
 def _pca_plot(projections: dict[str, pd.DataFrame]) -> plt.Figure:
@@ -259,6 +275,127 @@ def _pca_plot(projections: dict[str, pd.DataFrame]) -> plt.Figure:
     if shown:
         fig.colorbar(points, ax=axes.ravel().tolist(), label="activity group")
     fig.suptitle("Generated S_i of the first APG layer, PCA (cf. APG Figures 6 and 9)", y=1.0)
+    return fig
+
+
+DOMAIN_BINS = 5  # AdaSparse Figure 3b: domains ranked by size, 5 bins of equal samples
+
+
+def domain_gains(metrics: dict[str, dict[str, Any]], bases: dict[str, str | None]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Each variant's test-AUC gain over its base per domain-size bin (AdaSparse Figure
+    3b), and its uplifted-domains ratio.
+
+    Per domain, the gain is the mean over the seeds both trained of the per-domain AUC
+    difference. Domains are ranked by test rows (largest first) and cut into
+    :data:`DOMAIN_BINS` bins of about equal rows (bin 1: the few largest domains, bin 5:
+    the long tail); a bin's gain is the row-weighted mean of its domains' gains. The
+    uplifted-domains ratio is the share of domains whose gain is positive.
+
+    Returns:
+        The table (variant, base, bin, domains, samples, auc_gain_pct) and
+        ``{variant: ratio}``.
+    """
+    rows, ratios = [], {}
+    for name, base in bases.items():
+        if not base or base not in metrics:
+            continue
+        base_seeds = metrics[base]["seeds"]
+        deltas: dict[str, list[float]] = {}
+        samples: dict[str, int] = {}
+        for seed, m in metrics[name]["seeds"].items():
+            theirs = (base_seeds.get(seed) or {}).get("by_domain") or {}
+            for d, stats in (m.get("by_domain") or {}).items():
+                if d in theirs:
+                    deltas.setdefault(d, []).append(stats["auc"] - theirs[d]["auc"])
+                    samples[d] = stats["samples"]
+        if not deltas:
+            continue
+        gain = {d: float(np.mean(v)) for d, v in deltas.items()}
+        ratios[name] = float(np.mean([g > 0 for g in gain.values()]))
+        ranked = sorted(gain, key=lambda d: (-samples[d], int(d)))
+        total, before = sum(samples.values()), 0
+        bins: dict[int, list[str]] = {}
+        for d in ranked:  # a domain's bin is where its first row falls in the ranked rows
+            bins.setdefault(min(DOMAIN_BINS, 1 + DOMAIN_BINS * before // total), []).append(d)
+            before += samples[d]
+        for b, members in sorted(bins.items()):
+            n = sum(samples[d] for d in members)
+            rows.append({"variant": name, "base": base, "bin": b, "domains": len(members), "samples": n,
+                         "auc_gain_pct": 100 * sum(gain[d] * samples[d] for d in members) / n})
+    return pd.DataFrame(rows, columns=["variant", "base", "bin", "domains", "samples", "auc_gain_pct"]), ratios
+
+
+def _domain_gain_plot(gains: pd.DataFrame) -> plt.Figure:
+    fig = _gain_plot(gains, "bin", "domain-size bin (equal test rows; 1 = largest domains, 5 = long tail)",
+                     "Gain per domain-size bin (cf. AdaSparse Figure 3b)", "no domains, or no variant with a base")
+    fig.axes[0].set_xticks(range(1, DOMAIN_BINS + 1))
+    return fig
+
+
+def _regrained(config: dict[str, Any], coarse: str | None, fine: str) -> dict[str, Any]:
+    """``config`` with every use of the ``coarse`` domain field switched to ``fine``."""
+    def swap(names: list[str] | None) -> list[str] | None:
+        return None if names is None else [fine if n == coarse else n for n in names]
+
+    out = json.loads(json.dumps(config))
+    if out.get("domain_field") == coarse:
+        out["domain_field"] = fine
+    if out.get("adasparse"):
+        out["adasparse"]["fields"] = swap(out["adasparse"].get("fields"))
+    condition = (out.get("apg") or {}).get("condition") or {}
+    if condition.get("fields"):
+        condition["fields"] = swap(condition["fields"])
+    return out
+
+
+def parameters_by_grain(configs: dict[str, dict[str, Any]], spec: FeatureSpec) -> pd.DataFrame:
+    """Each variant's parameter count with its domain parameters per domain (coarse, as
+    trained) and per item (fine, APG Table 6), built on the meta device (no memory).
+    Variants that do not read the domain have the same count at both grains."""
+    from dynamic_ctr.models import build_model, count_parameters
+
+    rows = []
+    for name, config in configs.items():
+        counts = {}
+        for grain, cfg in (("coarse", config), ("fine", _regrained(config, spec.domain_field, spec.item_field))):
+            if grain == "fine" and spec.item_field is None:
+                counts[grain] = None
+                continue
+            with torch.device("meta"):
+                counts[grain] = count_parameters(build_model({**cfg, "folded": False}, spec))
+        rows.append({"variant": name, "domain_field": config.get("domain_field"), "parameters_coarse": counts["coarse"],
+                     "parameters_fine": counts["fine"],
+                     "mb_fine": None if counts["fine"] is None else 4 * counts["fine"] / 2**20})
+    return pd.DataFrame(rows, columns=["variant", "domain_field", "parameters_coarse", "parameters_fine", "mb_fine"])
+
+
+def _masks_plot(records: dict[str, dict[str, Any]], domain_names: list[str]) -> plt.Figure:
+    """AdaSparse Figure 3a: the mean factors of the first hidden layer's neurons for the
+    two most similar and the most different of the ten largest test domains."""
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    pick = next((r for r in records.values() if r.get("pruner_input") == "domain"), next(iter(records.values()), None))
+    if pick is None:
+        ax.text(0.5, 0.5, "no AdaSparse variant in this suite", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    layer = min(1, len(pick["sparsity_by_layer"]) - 1)  # the first hidden layer's neurons
+    largest = sorted(pick["domains"], key=lambda d: -pick["domains"][d]["rows"])[:10]
+    vectors = np.array([pick["domains"][d]["mean_factors"][layer] for d in largest])
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    a, b = np.unravel_index(np.argmax(similarity), similarity.shape) if len(largest) > 1 else (0, 0)
+    np.fill_diagonal(similarity, np.inf)
+    c = int(np.argmin(similarity[a] + similarity[b])) if len(largest) > 2 else b
+    chosen = [largest[i] for i in dict.fromkeys([a, b, c])]
+    name = lambda d: domain_names[int(d) - 1] if 0 < int(d) <= len(domain_names) else d  # noqa: E731
+    image = ax.imshow([pick["domains"][d]["mean_factors"][layer] for d in chosen], aspect="auto", cmap="Greys",
+                      interpolation="nearest")
+    ax.set_yticks(range(len(chosen)), [f"{name(d)} ({pick['domains'][d]['rows']} rows)" for d in chosen], fontsize=7)
+    ax.set_xlabel(f"neuron of layer {layer} (mean factor over the domain's test rows)")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"Learned masks ({pick['formulation']}, pruner on {pick['pruner_input']}): two similar domains and a "
+                 "different one (cf. AdaSparse Figure 3a)", fontsize=9)
     return fig
 
 
@@ -372,6 +509,12 @@ def build_report(
         for g in sorted(per_group):
             gain_rows.append({"variant": n, "base": base, "group": g, "auc_gain_pct": 100 * float(np.mean(per_group[g]))})
     gains = pd.DataFrame(gain_rows, columns=["variant", "base", "group", "auc_gain_pct"])
+    domain_gain_table, uplift = domain_gains(get["metrics"], {n: get["summary"][n].get("compare_to") for n in names})
+    for entry in variants:
+        entry["uplifted_domains_ratio"] = uplift.get(entry["name"])
+    by_grain = parameters_by_grain({n: get["summary"][n]["best_config"]["model"] for n in names}, spec)
+    masks_fig = _masks_plot({n: get["folding"][n]["adasparse"] for n in names if "adasparse" in get["folding"][n]},
+                            (spec.metadata or {}).get("domain_names") or [])
     plotted = report_params.get("frequency_plot_variants")
     frequency_fig = _frequency_plot(gains[gains["variant"].isin(plotted)] if plotted else gains)
     pca_fig = _pca_plot(get["projection"])
@@ -388,13 +531,19 @@ def build_report(
         "not_applicable": [{"name": n, "reason": r} for n, r in skipped.items()],
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
         "tables": tables.astype(object).where(tables.notna(), None).to_dict("records"),
+        "parameters_by_grain": by_grain.astype(object).where(by_grain.notna(), None).to_dict("records"),
+        "adasparse": {n: {k: v for k, v in get["folding"][n]["adasparse"].items() if k != "domains"}
+                      for n in names if "adasparse" in get["folding"][n]},
     }
     study_fig = _hyperparameter_plot(get["trials"])
     spectrum_fig = _spectrum_plot({n: next(iter(get["trained"][n].values())) for n in names})
-    figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig}
-    report_html = _html(summary, comparison, tables, efficiency, per_domain_mean, domain_stats, gains, figures)
+    domain_gain_fig = _domain_gain_plot(domain_gain_table)
+    figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig,
+               "domain_gain": domain_gain_fig, "masks": masks_fig}
+    report_html = _html(summary, comparison, tables, efficiency, per_domain_mean, domain_stats, domain_gain_table, by_grain,
+                        figures)
     return (summary, report_html, comparison, tables, efficiency, per_domain, gains, frequency_fig, pca_fig, study_fig,
-            spectrum_fig)
+            spectrum_fig, domain_gain_table, domain_gain_fig, masks_fig)
 
 
 def _numeric(value: Any) -> float | None:
@@ -464,10 +613,11 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", border=0, classes="t")
 
 
-def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, gains, figures) -> str:
+def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, domain_gain_table, by_grain, figures) -> str:
     overview = pd.DataFrame([
         {k: v for k, v in entry.items() if k in ("name", "model_family", "backbone", "condition", "apg_version", "test_auc", "test_auc_std",
-                                                   "test_logloss", "test_gauc_user", "test_gauc_domain", "seeds", "parameter_count")}
+                                                   "test_logloss", "test_gauc_user", "test_gauc_domain", "uplifted_domains_ratio", "seeds",
+                                                   "parameter_count")}
         | {"folding max abs diff": entry["folding_check"]["max_abs_diff"], "tuning budget": _budget_text(entry["budget"])}
         for entry in summary["variants"]
     ])
@@ -505,6 +655,23 @@ def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, gai
         "<h2>Interaction kernel spectrum</h2>", _figure_html(figures["spectrum"]),
         "<h2>Efficiency</h2><p>Latency: median CPU forward of one batch; hidden memory per batch, counted analytically.</p>",
         _table(efficiency),
+        "<h2>Gain per domain-size bin</h2>",
+        ("<p>Domains ranked by test rows into 5 bins of equal rows; each bin's test-AUC gain over the base, mean "
+         "over seeds, row-weighted. The variants table gives each variant's uplifted-domains ratio (the share of "
+         "domains whose AUC beats the base's).</p>"),
+        _figure_html(figures["domain_gain"]), _table(domain_gain_table),
+        *(["<h2>AdaSparse: sparsity and learned masks</h2>",
+            ("<p>Share of exactly-zero factors per layer on the test rows (first seed); with the pruner on the "
+             "domain alone, each domain's pruned serving form was checked against the masked model, and both "
+             "timed on the largest domain's rows.</p>"),
+            _table(pd.DataFrame([{"variant": n, **{k: v for k, v in r.items() if k != "pruned_latency"},
+                                  **{f"pruned_{k}": v for k, v in (r.get("pruned_latency") or {}).items()}}
+                                 for n, r in summary["adasparse"].items()])),
+            _figure_html(figures["masks"])] if summary["adasparse"] else []),
+        "<h2>Parameters at coarse and fine grain</h2>",
+        ("<p>Each variant's parameter count with its domain parameters per domain (coarse: as trained) and per "
+         "item (fine, APG Table 6), counted without allocating them.</p>"),
+        _table(by_grain),
         "<h2>Test AUC per domain</h2>", _table(pivot),
         "<h2>Domains (samples, clicks, CTR per split)</h2>", _table(domain_stats),
         "</body></html>",

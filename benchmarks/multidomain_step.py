@@ -1,0 +1,197 @@
+"""Multi-domain models: training-step time against the DNN backbone as domains grow, and
+AdaSparse's pruned serving form against its masked model.
+
+Contenders (``build_model`` families on one synthetic spec: F = 8 categorical fields,
+D = 16, E = 128, hidden [128, 64, 32], the domain a field of P + 2 values; AdaSparse §4.1.2):
+
+  dnn         the DNN backbone (the floor)
+  star        STAR: partitioned normalisation, shared o per-domain weights, auxiliary net
+  mmoe        MMoE, 4 experts [128, 64], one gate and one [32] tower per domain
+  apg         DNN + APG v4 (K = 4), group-wise on the domain embedding
+  adasparse   DNN + AdaSparse (binarization, pruner on [e_d; h^l])
+
+Each at P = 10, 100 and 1,000 domains, batch 1024, domain ids drawn from a Zipf(1.1) law
+over the P domains (a long tail, as real partitions have). A step = forward + BCE +
+the model's penalty + backward + Adam (foreach). Times are medians over ``--repeats``
+interleaved rounds (every contender one timed block per round, in a fresh random order),
+ratios paired per round (``benchmarks/_machine.py``).
+
+Serving: a binarised AdaSparse DNN with the pruner on ``e_d`` alone, its factors set so
+that 25% of every layer's input neurons are zero for the served domain (the paper's
+sparsity boundary [0.15, 0.25]); inference (eval, no grad) on 1024 rows of that domain,
+the masked model (pruner computed, factors multiplied) against the pruned serving form
+(``AdaSparseTower.pruned_for_domain``: the zeroed neurons' rows and columns cut out),
+checked equal first.
+
+Targets: STAR at 1,000 domains within 2x its time at 10; AdaSparse within 1.3x of the
+backbone at every P; the pruned form at least 1.15x faster than the masked model.
+
+Needs torch only; from a source checkout::
+
+    python benchmarks/multidomain_step.py
+    python benchmarks/multidomain_step.py --domains 10,1000 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _machine import add_quiet_arguments, interleaved_rounds  # noqa: E402
+from apg_table5 import calibrate, fmt, machine_line, median, paired_ratio, spread, timed  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dynamic_ctr.models import build_model  # noqa: E402
+from dynamic_ctr.spec import FeatureSpec, FieldSpec  # noqa: E402
+from dynamic_ctr.training.device import flush_denormals  # noqa: E402
+
+HIDDEN = [128, 64, 32]
+CONTENDERS = {
+    "dnn": {"family": "dnn"},
+    "star": {"family": "star", "star": {"aux_hidden": [32]}},
+    "mmoe": {"family": "mmoe", "mmoe": {"num_experts": 4, "expert_units": [128, 64], "tower_units": [32]}},
+    "apg": {"family": "dnn", "apg": {"version": "v4", "rank": 4, "condition": {"mode": "group", "fields": ["domain"]}}},
+    "adasparse": {"family": "dnn", "adasparse": {"formulation": "binarization"}},
+}
+
+
+def make_spec(domains: int) -> FeatureSpec:
+    fields = [FieldSpec(f"f{i}", "categorical", vocab_size=1000) for i in range(7)]
+    fields.append(FieldSpec("domain", "categorical", vocab_size=domains + 2, source="domain"))
+    return FeatureSpec(tuple(fields), domain_field="domain")
+
+
+def make_batch(spec: FeatureSpec, domains: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(2, 1000, (batch, len(spec.fields)), generator=gen)
+    zipf = 1.0 / torch.arange(1, domains + 1, dtype=torch.float64) ** 1.1
+    x[:, -1] = 2 + torch.multinomial(zipf, batch, replacement=True, generator=gen)
+    return x, torch.randint(0, 2, (batch,), generator=gen).float()
+
+
+@dataclass
+class Case:
+    name: str
+    domains: int
+    step: object
+    n: int = 1
+    ms: list[float] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.domains
+
+
+def make_case(name: str, domains: int, args: argparse.Namespace, device: torch.device) -> Case:
+    spec = make_spec(domains)
+    gen = torch.Generator().manual_seed(domains)
+    x, y = make_batch(spec, domains, args.batch, gen)
+    model = build_model({**CONTENDERS[name], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    penalty = getattr(model, "penalty", None)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        extra = penalty() if callable(penalty) else None
+        (loss if extra is None else loss + extra).backward()
+        optimizer.step()
+
+    case = Case(name, domains, step)
+    case.n = calibrate(step, device, args.min_block_ms)
+    return case
+
+
+def serving_cases(args: argparse.Namespace, device: torch.device) -> tuple[Case, Case]:
+    """The masked and the pruned AdaSparse model of one domain at 25% sparsity."""
+    spec = make_spec(100)
+    model = build_model({"family": "dnn", "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0,
+                         "adasparse": {"formulation": "binarization", "pruner_input": "domain"}}, spec).eval()
+    tower = model.dense
+    with torch.no_grad():
+        tower.alpha.fill_(5.0)  # annealed: the paper's upper limit
+        gen = torch.Generator().manual_seed(7)
+        for pruner in tower.pruners:  # factors 0 for a fixed random quarter of each layer's inputs
+            width = pruner.out_features
+            pruned = torch.randperm(width, generator=gen)[: width // 4]
+            pruner.weight.zero_()
+            pruner.bias.fill_(10.0)
+            pruner.bias[pruned] = -10.0
+    x, _ = make_batch(spec, 1, args.batch, torch.Generator().manual_seed(1))  # one domain: id 2
+    x[:, -1] = 2
+    e_d = tower.domain_embedding(model.embedding(x[:1]))[0]
+    served = copy.deepcopy(model)
+    served.dense = tower.pruned_for_domain(e_d)
+    with torch.no_grad():
+        diff = (served(x) - model(x)).abs().max().item()
+        sparsity = tower.sparsity(model.embedding(x).flatten(1), model.embedding(x))
+    assert diff <= 1e-5, f"pruned serving form differs from the masked model by {diff}"
+    print(f"serving check: pruned == masked (max abs logit diff {diff:.2e}); sparsity per layer {[round(s, 3) for s in sparsity]}")
+
+    def infer(m: nn.Module):
+        def run() -> None:
+            with torch.no_grad():
+                m(x)
+        return run
+
+    cases = (Case("masked", 0, infer(model)), Case("pruned", 0, infer(served)))
+    for c in cases:
+        c.n = calibrate(c.step, device, args.min_block_ms)
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--domains", default="10,100,1000", help="comma-separated P")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
+    parser.add_argument("--min-block-ms", type=float, default=200.0, help="minimum length of a timed block")
+    add_quiet_arguments(parser, "round", timeout=10.0, budget=30.0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    flush_denormals()  # as the pipeline's training and evaluation do (see its docstring)
+    device = torch.device("cpu")
+    sizes = [int(v) for v in args.domains.split(",") if v.strip()]
+    t_start = time.perf_counter()
+    print(machine_line(device))
+    print(f"F=8, D=16, hidden {HIDDEN}, batch {args.batch}, Zipf(1.1) domains, step = forward + BCE + penalty + "
+          f"backward + Adam, {args.repeats} interleaved rounds")
+    cases = [make_case(name, p, args, device) for p in sizes for name in CONTENDERS]
+    cases += serving_cases(args, device)
+    rounds, shares, discarded = interleaved_rounds(args, cases, lambda c: timed(c.step, c.n, device), key=lambda c: c.key)
+    for got in rounds:
+        for c in cases:
+            c.ms.append(got[c.key])
+    by_key = {c.key: c for c in cases}
+
+    print("\n| P | model | ms / step | spread | x DNN |\n|---|---|---|---|---|")
+    for p in sizes:
+        floor = by_key[("dnn", p)]
+        for name in CONTENDERS:
+            c = by_key[(name, p)]
+            print(f"| {p:,} | {name} | {median(c.ms):.1f} | {fmt(spread(c.ms), '.0%')} | {paired_ratio(c.ms, floor.ms):.2f} |")
+    masked, pruned = by_key[("masked", 0)], by_key[("pruned", 0)]
+    print(f"\nserving one domain, {args.batch} rows: masked {median(masked.ms):.2f} ms, pruned {median(pruned.ms):.2f} ms")
+    print(f"other processes' CPU share during the kept rounds: max {max(shares):.0%}; {discarded} disturbed round(s) repeated")
+
+    print(f"\nTargets (total run {time.perf_counter() - t_start:.0f}s):")
+    if {10, 1000} <= set(sizes):
+        r = paired_ratio(by_key[("star", 1000)].ms, by_key[("star", 10)].ms)
+        print(f"  STAR at 1,000 domains <= 2x its time at 10: {r:.2f}x -> {'met' if r <= 2 else 'NOT met'}")
+    for p in sizes:
+        r = paired_ratio(by_key[("adasparse", p)].ms, by_key[("dnn", p)].ms)
+        print(f"  [P={p}] AdaSparse <= 1.3x the DNN backbone: {r:.2f}x -> {'met' if r <= 1.3 else 'NOT met'}")
+    speedup = paired_ratio(masked.ms, pruned.ms)
+    print(f"  pruned serving form >= 1.15x faster than the masked model: {speedup:.2f}x -> {'met' if speedup >= 1.15 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

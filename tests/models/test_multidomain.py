@@ -1,0 +1,87 @@
+"""The multi-domain families through ``build_model``: STAR, MMoE and AdaSparse towers on
+the backbones, their configs, folding round trips and the penalty hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from modelkit import perturb, small_config
+
+from dynamic_ctr.models import build_model, count_parameters, fold_model
+from dynamic_ctr.models.adasparse import AdaSparseTower
+from dynamic_ctr.spec import FeatureSpec
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ADASPARSE = {"formulation": "binarization"}
+MODELS = [
+    small_config(family="star"),
+    small_config(family="mmoe", mmoe={"num_experts": 3, "expert_units": [8], "tower_units": [4]}),
+    small_config(family="dnn", adasparse=ADASPARSE),
+    small_config(family="dcnv2", adasparse={"formulation": "fusion", "pruner_input": "domain"}),
+    small_config(family="wdl", adasparse={"formulation": "scaling"}, dropout=0.2, batch_norm=True),
+]
+IDS = ["star", "mmoe", "dnn_adasparse", "dcnv2_adasparse", "wdl_adasparse"]
+
+
+@pytest.mark.parametrize("config", MODELS, ids=IDS)
+def test_builds_trains_folds_and_rebuilds(spec, big_batch, config):
+    model = perturb(build_model(config, spec))
+    assert model.config["domain_field"] == "domain"  # the spec's domain field by default
+    model.train()
+    y = torch.randint(0, 2, (big_batch.shape[0],)).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(big_batch), y)
+    penalty = model.penalty() if hasattr(model, "penalty") else None
+    if config.get("adasparse"):  # the tower's sparsity regulariser reaches the loss through the backbone
+        assert isinstance(model.dense, AdaSparseTower) and penalty is not None and penalty.ndim == 0
+        loss = loss + penalty
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    folded = fold_model(model)
+    torch.testing.assert_close(folded(big_batch), model(big_batch), rtol=1e-5, atol=1e-6)
+    rebuilt = build_model(folded.config, spec)
+    rebuilt.load_state_dict(folded.state_dict())
+    torch.testing.assert_close(rebuilt(big_batch), model(big_batch), rtol=1e-5, atol=1e-6)
+
+
+def test_the_domain_decides_star_and_mmoe(spec):
+    """Same row, another domain id: another prediction (the domain-specific parts act)."""
+    for config in MODELS[:2]:
+        model = perturb(build_model(config, spec)).eval()
+        x = torch.tensor([[2, 3, 2, 2, 3, 0, 0]])
+        other = x.clone()
+        other[0, 2] = 3  # the domain slot (categorical fields first)
+        assert not torch.allclose(model(x), model(other)), config["family"]
+
+
+def test_a_fine_domain_partition_is_any_categorical_field(spec):
+    """APG Table 6's fine grain: one set of domain parameters per item."""
+    coarse = build_model(small_config(family="star"), spec)
+    fine = build_model(small_config(family="star", domain_field="item"), spec)
+    assert fine.num_domains == spec["item"].vocab_size != coarse.num_domains
+    assert count_parameters(fine) > count_parameters(coarse)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"family": "star", "domain_field": "genres"}, "domain_field='genres' must be a categorical field"),
+    ({"family": "mmoe", "domain_field": "nope"}, "domain_field='nope'"),
+    ({"adasparse": {"fields": ["nope"]}}, r"adasparse.fields: no field\(s\) \['nope'\]"),
+    ({"adasparse": {"formulation": "binary"}}, "adasparse.formulation"),
+    ({"adasparse": {"r_min": 0.3, "r_max": 0.2}}, "adasparse.r_max"),
+    ({"adasparse": {"beta": 0.5}}, "adasparse.beta"),
+    ({"adasparse": {}, "apg": {"version": "v4"}}, "either APG or AdaSparse"),
+    ({"family": "star", "adasparse": {}}, "adasparse: family 'star'"),
+    ({"family": "wdl", "star": {}}, "only family 'star'"),
+    ({"family": "mmoe", "mmoe": {"num_experts": 0}}, "mmoe.num_experts"),
+])
+def test_bad_multidomain_configs_name_the_key(spec, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(small_config(**overrides), spec)
+
+
+def test_a_spec_without_domains_needs_a_domain_field_named(spec):
+    plain = FeatureSpec(spec.fields, user_field="user", item_field="item")  # no domain_field
+    with pytest.raises(ValueError, match="the spec has no domain field"):
+        build_model(small_config(family="star"), plain)
+    assert build_model(small_config(family="star", domain_field="item"), plain).num_domains == 8
