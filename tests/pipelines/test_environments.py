@@ -107,6 +107,10 @@ def _check_suite_report(project: Path, env: str, suite: str) -> None:
             assert row["status"].startswith("not applicable: ") and row["auc_mean"] is None, row
         else:
             assert row["status"] == "trained" and 0 < row["auc_mean"] < 1 and row["auc_ci95_low"] is None, row
+    assert {r["variant"] for r in summary["parameters_by_grain"]} == trained
+    if suite == "multidomain":  # every AdaSparse variant's learned structure is on record
+        assert set(summary["adasparse"]) == {n for n in trained if "adasparse" in n}
+        assert all(len(r["sparsity_by_layer"]) == 3 for r in summary["adasparse"].values())
     report = _latest(project, f"{folder}/report.html").read_text()
     assert "Not applicable on this data set" in report and "Models on the same split" in report
     for name in skipped:

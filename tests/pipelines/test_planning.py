@@ -206,3 +206,23 @@ def test_a_report_naming_no_variant_stops_the_plan(spec, report, message) -> Non
     names = suite_variant_names("dynint", PROJECT)
     with pytest.raises(SuitePlanError, match=message):
         plan_suite(spec, TRAINING, {**suite, "report": report}, suite="dynint", registered=names)
+
+
+def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> None:
+    from dynamic_ctr.spec import FieldSpec
+
+    suite = yaml.safe_load((PROJECT / "conf/base/parameters_multidomain.yml").read_text())["multidomain"]
+    names = suite_variant_names("multidomain", PROJECT)
+    with_domains = tiny[0].with_field(FieldSpec("domain", "categorical", vocab_size=9, source="domain"), domain_field="domain")
+    variants = plan_suite({**with_domains.to_dict(), "context_field": "hour"}, TRAINING, suite, suite="multidomain",
+                          registered=names)["variants"]
+    assert all(v["status"] == "ready" for v in variants.values())
+    assert variants["star"]["model"]["domain_field"] == "domain" and variants["star"]["model"]["hidden_units"] == [128, 64, 32]
+    assert variants["dnn_adasparse"]["model"]["adasparse"]["fields"] == ["domain"]
+    assert variants["dnn_apg_item"]["model"]["apg"]["condition"]["fields"] == ["item"]
+    formulations = {n: v["model"]["adasparse"]["formulation"] for n, v in variants.items() if "adasparse" in v["model"]}
+    assert set(formulations.values()) == {"binarization", "scaling", "fusion"}
+    assert all(variants[n]["compare_to"] in ("md_dnn", "md_dcnv2") for n in formulations)
+    # without a domain field the plan stops before training, naming every variant that needs one
+    with pytest.raises(SuitePlanError, match=r"star: lacks the field role '@domain'"):
+        plan_suite({**tiny[0].to_dict(), "context_field": "hour"}, TRAINING, suite, suite="multidomain", registered=names)
