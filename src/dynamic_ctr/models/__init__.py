@@ -1,4 +1,5 @@
-"""CTR models with static or APG (adaptive parameter generation) dense towers.
+"""CTR models: backbones with static, APG (adaptive parameter generation) or AdaSparse
+dense towers, xDeepInt/DynInt, and the multi-domain STAR and MMoE.
 
 Needs torch and the standard library only (no Kedro, no pandas).
 
@@ -26,17 +27,24 @@ logits.
 Config (``build_model``; keys and defaults, all JSON-able)::
 
     {
-      "family": "wdl",              # dnn | wdl | deepfm | dcn | dcnv2
+      "family": "wdl",              # dnn | wdl | deepfm | dcn | dcnv2 | xdeepint | star | mmoe
       "embedding_dim": 16,          # D
       "hidden_units": [256, 128, 64],
       "dropout": 0.0,
       "batch_norm": false,
       "cross_layers": 3,            # dcn / dcnv2
+      "dnn": true,                  # false: the interaction layer alone (wdl = LR,
+                                    #   deepfm = FM, dcn / dcnv2 = the cross network)
+      "domain_field": null,         # star / mmoe / AdaSparse: the domain's field
+                                    #   (default spec.domain_field)
       "fm_input": "features",       # deepfm: features (Rendle: FM and first-order
                                     #   term over every active feature, each value of
                                     #   a multi-valued field its own feature, pad slots
                                     #   none) | fields (the mean-pooled fields and the
                                     #   mean first-order weight per field)
+      "dynint": null | {...},       # xdeepint: models.config.DynIntConfig
+      "adasparse": null | {...},    # AdaSparse pruner in the tower: AdaSparseConfig
+      "star": null | {...}, "mmoe": null | {...},   # StarConfig, MMoEConfig
       "seed": 0,                    # parameter init
       "folded": false,              # set by fold_model
       "apg": null | {               # APG in every hidden layer of the dense tower
@@ -61,7 +69,9 @@ Config (``build_model``; keys and defaults, all JSON-able)::
 Modules: ``embedding`` (FieldEmbedding), ``layers`` (static MLP tower, cross
 networks, FM), ``backbones`` (DNN, WDL, DeepFM, DCN, DCNv2 taking an injected dense
 tower; ``BACKBONES``), ``conditions`` (self/group/mix conditions and combiners),
-``apg`` (APGLinear v1-v5, generators, APGTower), ``folding`` and ``inspection``.
+``apg`` (APGLinear v1-v5, generators, APGTower), ``adasparse`` (AdaSparseTower),
+``dynint`` (xDeepInt / DynInt), ``star`` and ``mmoe`` (their networks) with
+``multidomain`` (the STAR and MMoE models), ``folding`` and ``inspection``.
 """
 
 from dynamic_ctr.models.backbones import BACKBONES
