@@ -186,7 +186,7 @@ def test_fold_variant_records_adasparse_sparsity_and_checks_each_domains_pruned_
         model.dense.alpha.fill_(5.0)
         for pruner in model.dense.pruners:
             pruner.weight.normal_(0, 1.0)
-    folded, check = folding.fold_variant({"seed_1": model}, test, spec.to_dict(), FOLDING)
+    _, check = folding.fold_variant({"seed_1": model}, test, spec.to_dict(), FOLDING)
     record = check["adasparse"]
     assert record["formulation"] == "binarization" and len(record["sparsity_by_layer"]) == 2
     assert 0 < max(record["sparsity_by_layer"]) < 1
@@ -230,7 +230,7 @@ def test_domain_gains_bin_domains_by_size_and_count_uplifted_domains() -> None:
 def test_parameters_by_grain_count_per_item_domain_parameters_without_allocating(tiny) -> None:
     from dynamic_ctr.pipelines.reporting.nodes import parameters_by_grain
 
-    spec, test = _with_domains(*tiny)
+    spec, _ = _with_domains(*tiny)
     configs = {
         "md_dnn": {"family": "dnn", "hidden_units": [16]},
         "star": {"family": "star", "hidden_units": [16], "domain_field": "domain"},

@@ -18,7 +18,7 @@ from dynamic_ctr.models.embedding import FieldEmbedding
 from dynamic_ctr.models.mmoe import MMoENetwork
 from dynamic_ctr.models.star import StarNetwork
 
-__all__ = ["MMoE", "STAR"]
+__all__ = ["STAR", "MMoE"]
 
 
 class _DomainModel(nn.Module):

@@ -391,7 +391,9 @@ def _masks_plot(records: dict[str, dict[str, Any]], domain_names: list[str]) -> 
     np.fill_diagonal(similarity, np.inf)
     c = int(np.argmin(similarity[a] + similarity[b])) if len(largest) > 2 else b
     chosen = [largest[i] for i in dict.fromkeys([a, b, c])]
-    name = lambda d: domain_names[int(d) - 1] if 0 < int(d) <= len(domain_names) else d  # noqa: E731
+    def name(d: str) -> str:
+        return domain_names[int(d) - 1] if 0 < int(d) <= len(domain_names) else d
+
     image = ax.imshow([pick["domains"][d]["mean_factors"][layer] for d in chosen], aspect="auto", cmap="Greys",
                       interpolation="nearest")
     ax.set_yticks(range(len(chosen)), [f"{name(d)} ({pick['domains'][d]['rows']} rows)" for d in chosen], fontsize=7)
