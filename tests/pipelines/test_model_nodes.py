@@ -245,3 +245,18 @@ def test_parameters_by_grain_count_per_item_domain_parameters_without_allocating
     assert table.loc["star", "parameters_fine"] == count_parameters(star_fine) > table.loc["star", "parameters_coarse"]
     # APG generates its per-item parameters: the fine grain costs it only the condition's width
     assert table.loc["apg", "parameters_fine"] == table.loc["apg", "parameters_coarse"]
+
+
+def test_sweep_plot_draws_auc_against_the_swept_parameter() -> None:
+    from dynamic_ctr.pipelines.reporting.nodes import _sweep_plot
+
+    tables = pd.DataFrame({"variant": ["base", "a", "b"], "auc_mean": [0.70, 0.71, 0.72],
+                           "auc_ci95_low": [0.69, 0.70, np.nan], "auc_ci95_high": [0.71, 0.72, np.nan]})
+    configs = {"base": {"model": {}}, "a": {"model": {"adasparse": {"r_max": 0.5}}},
+               "b": {"model": {"adasparse": {"r_max": 0.1}}}}
+    sweep = {"title": "3d", "parameter": "model.adasparse.r_max", "variants": ["base", "a", "b", "missing"]}
+    ax = _sweep_plot([sweep], tables, configs).axes[0]
+    ys = [list(l.get_ydata()) for l in ax.get_lines() if list(l.get_xdata()) == [0.1, 0.5]]
+    assert [0.72, 0.71] in ys  # the AUCs, sorted by the parameter (the caps share the x values)
+    assert any(list(l.get_ydata()) == [0.70, 0.70] for l in ax.get_lines())  # the base as a reference line
+    assert ax.get_xlabel() == "model.adasparse.r_max"

@@ -240,7 +240,8 @@ def plan_suite(
     }
 
 
-REPORT_KEYS = {"frequency_plot_variants", "paper_rows", "tables"}
+REPORT_KEYS = {"frequency_plot_variants", "paper_rows", "tables", "sweeps"}
+SWEEP_KEYS = {"title", "parameter", "variants"}
 PAPER_ROW_KEYS = {"table", "row", "variant", "base", "paper_base", "paper_variant"}
 TABLE_KEYS = {"title", "variants", "paper"}
 PAPER_METRICS = {"auc", "logloss", "gauc_domain"}
@@ -267,6 +268,12 @@ def report_problems(report: dict[str, Any], registered: list[str], suite: str) -
             problems.append(f"{at} needs exactly the keys {sorted(PAPER_ROW_KEYS)}, has {sorted(row)}")
             continue
         check_names([row["variant"], row["base"]], at)
+    for i, sweep in enumerate(report.get("sweeps") or []):
+        at = f"{where}.sweeps[{i}]"
+        if set(sweep) != SWEEP_KEYS:
+            problems.append(f"{at} needs exactly the keys {sorted(SWEEP_KEYS)}, has {sorted(sweep)}")
+            continue
+        check_names(sweep["variants"], f"{at}.variants")
     for i, table in enumerate(report.get("tables") or []):
         at = f"{where}.tables[{i}]"
         if "title" not in table or set(table) - TABLE_KEYS:

@@ -369,6 +369,51 @@ def parameters_by_grain(configs: dict[str, dict[str, Any]], spec: FeatureSpec) -
     return pd.DataFrame(rows, columns=["variant", "domain_field", "parameters_coarse", "parameters_fine", "mb_fine"])
 
 
+def _config_value(config: dict[str, Any], path: str) -> Any:
+    """The value at dotted ``path`` (``model.adasparse.r_max``) of a trained config, or None."""
+    value: Any = config
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _sweep_plot(sweeps: list[dict[str, Any]], tables: pd.DataFrame, configs: dict[str, dict[str, Any]]) -> plt.Figure:
+    """Test AUC (mean over seeds, 95% t interval) against one configured parameter, per
+    sweep (e.g. AdaSparse Figure 3d: AUC against the sparsity boundary). A listed variant
+    without the parameter (the backbone) is drawn as a horizontal reference line."""
+    cols = max(1, len(sweeps))
+    fig, axes = plt.subplots(1, cols, figsize=(6 * cols, 4), squeeze=False)
+    if not sweeps:
+        axes[0, 0].text(0.5, 0.5, "no sweeps configured", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+    stats = tables.drop_duplicates("variant").set_index("variant")
+    for ax, sweep in zip(axes.flat, sweeps):
+        points = []
+        for name in sweep["variants"]:
+            if name not in configs or name not in stats.index or pd.isna(stats.loc[name, "auc_mean"]):
+                continue
+            row, x = stats.loc[name], _config_value(configs[name], sweep["parameter"])
+            if x is None:
+                ax.axhline(row["auc_mean"], color="grey", ls="--", lw=1, label=f"{name} (no {sweep['parameter'].split('.')[-1]})")
+                continue
+            points.append((float(x), row["auc_mean"], row["auc_ci95_low"], row["auc_ci95_high"], name))
+        points.sort()
+        if points:
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            low = [p[1] - p[2] if pd.notna(p[2]) else 0.0 for p in points]
+            high = [p[3] - p[1] if pd.notna(p[3]) else 0.0 for p in points]
+            ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=4, label="test AUC, 95% interval")
+            for x, y, *_, name in points:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(sweep["parameter"])
+        ax.set_ylabel("test AUC")
+        ax.set_title(sweep["title"], fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def _masks_plot(records: dict[str, dict[str, Any]], domain_names: list[str]) -> plt.Figure:
     """AdaSparse Figure 3a: the mean factors of the first hidden layer's neurons for the
     two most similar and the most different of the ten largest test domains, from the
@@ -537,18 +582,20 @@ def build_report(
         "comparison": comparison.replace({np.nan: None}).to_dict("records"),
         "tables": tables.astype(object).where(tables.notna(), None).to_dict("records"),
         "parameters_by_grain": by_grain.astype(object).where(by_grain.notna(), None).to_dict("records"),
+        "sweeps": report_params.get("sweeps") or [],
         "adasparse": {n: {k: v for k, v in get["folding"][n]["adasparse"].items() if k != "domains"}
                       for n in names if "adasparse" in get["folding"][n]},
     }
     study_fig = _hyperparameter_plot(get["trials"])
+    sweep_fig = _sweep_plot(report_params.get("sweeps") or [], tables, {n: get["summary"][n]["best_config"] for n in names})
     spectrum_fig = _spectrum_plot({n: next(iter(get["trained"][n].values())) for n in names})
     domain_gain_fig = _domain_gain_plot(domain_gain_table)
-    figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig,
+    figures = {"frequency": frequency_fig, "pca": pca_fig, "study": study_fig, "spectrum": spectrum_fig, "sweep": sweep_fig,
                "domain_gain": domain_gain_fig, "masks": masks_fig}
     report_html = _html(summary, comparison, tables, efficiency, per_domain_mean, domain_stats, domain_gain_table, by_grain,
                         figures)
     return (summary, report_html, comparison, tables, efficiency, per_domain, gains, frequency_fig, pca_fig, study_fig,
-            spectrum_fig, domain_gain_table, domain_gain_fig, masks_fig)
+            spectrum_fig, domain_gain_table, domain_gain_fig, masks_fig, sweep_fig)
 
 
 def _numeric(value: Any) -> float | None:
@@ -657,6 +704,7 @@ def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, dom
         "<h2>Gain per activity group</h2>", _figure_html(figures["frequency"]),
         "<h2>Generated S_i (PCA)</h2>", _figure_html(figures["pca"]),
         "<h2>Hyper-parameter studies (Optuna trials)</h2>", _figure_html(figures["study"]),
+        *(["<h2>Sweeps</h2>", _figure_html(figures["sweep"])] if summary["sweeps"] else []),
         "<h2>Interaction kernel spectrum</h2>", _figure_html(figures["spectrum"]),
         "<h2>Efficiency</h2><p>Latency: median CPU forward of one batch; hidden memory per batch, counted analytically.</p>",
         _table(efficiency),

@@ -14,7 +14,7 @@ REPORT_INPUTS = {
 }
 REPORT_OUTPUTS = ("report_summary", "report_html", "paper_comparison", "model_tables", "efficiency_table", "per_domain_auc",
                   "frequency_gain_table", "frequency_gain_plot", "cores_pca_plot", "hyperparameter_study_plot",
-                  "kernel_spectrum_plot", "domain_gain_table", "domain_gain_plot", "domain_masks_plot")
+                  "kernel_spectrum_plot", "domain_gain_table", "domain_gain_plot", "domain_masks_plot", "sweep_plot")
 
 
 def create_pipeline(suite: str, **kwargs) -> Pipeline:
