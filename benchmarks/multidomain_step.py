@@ -13,7 +13,8 @@ D = 16, E = 128, hidden [128, 64, 32], the domain a field of P + 2 values; AdaSp
 
 Each at P = 10, 100 and 1,000 domains, batch 1024, domain ids drawn from a Zipf(1.1) law
 over the P domains (a long tail, as real partitions have). A step = forward + BCE +
-the model's penalty + backward + Adam (foreach). Times are medians over ``--repeats``
+the model's penalty + backward + the training loop's optimiser (``make_optimizer``: Adam,
+foreach; STAR's per-domain rows lazily by SparseAdam). Times are medians over ``--repeats``
 interleaved rounds (every contender one timed block per round, in a fresh random order),
 ratios paired per round (``benchmarks/_machine.py``).
 
@@ -52,6 +53,7 @@ from torch import nn  # noqa: E402
 from dynamic_ctr.models import build_model  # noqa: E402
 from dynamic_ctr.spec import FeatureSpec, FieldSpec  # noqa: E402
 from dynamic_ctr.training.device import flush_denormals  # noqa: E402
+from dynamic_ctr.training.loop import TrainConfig, make_optimizer  # noqa: E402
 
 HIDDEN = [128, 64, 32]
 CONTENDERS = {
@@ -95,7 +97,7 @@ def make_case(name: str, domains: int, args: argparse.Namespace, device: torch.d
     gen = torch.Generator().manual_seed(domains)
     x, y = make_batch(spec, domains, args.batch, gen)
     model = build_model({**CONTENDERS[name], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3), device)  # as training does
     penalty = getattr(model, "penalty", None)
 
     def step() -> None:
@@ -165,7 +167,7 @@ def main() -> None:
     t_start = time.perf_counter()
     print(machine_line(device))
     print(f"F=8, D=16, hidden {HIDDEN}, batch {args.batch}, Zipf(1.1) domains, step = forward + BCE + penalty + "
-          f"backward + Adam, {args.repeats} interleaved rounds")
+          f"backward + make_optimizer's step, {args.repeats} interleaved rounds")
     cases = [make_case(name, p, args, device) for p in sizes for name in CONTENDERS]
     cases += serving_cases(args, device)
     rounds, shares, discarded = interleaved_rounds(args, cases, lambda c: timed(c.step, c.n, device), key=lambda c: c.key)

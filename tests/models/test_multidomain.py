@@ -36,7 +36,8 @@ def test_builds_trains_folds_and_rebuilds(spec, big_batch, config):
         assert isinstance(model.dense, AdaSparseTower) and penalty is not None and penalty.ndim == 0
         loss = loss + penalty
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
     model.eval()
     folded = fold_model(model)
     torch.testing.assert_close(folded(big_batch), model(big_batch), rtol=1e-5, atol=1e-6)
@@ -85,3 +86,26 @@ def test_a_spec_without_domains_needs_a_domain_field_named(spec):
     with pytest.raises(ValueError, match="the spec has no domain field"):
         build_model(small_config(family="star"), plain)
     assert build_model(small_config(family="star", domain_field="item"), plain).num_domains == 8
+
+
+def test_star_domains_absent_from_a_batch_keep_their_weights(spec):
+    """STAR's per-domain parameters get sparse gradients and lazy updates (SparseAdam):
+    a step moves the batch's domains only, whatever the momentum; the shared ones move."""
+    from dynamic_ctr.training.loop import TrainConfig, clip_grad_norm, make_optimizer
+
+    model = build_model(small_config(family="star"), spec).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=0.01), torch.device("cpu"))
+    assert isinstance(optimizer.optimizers["domain"], torch.optim.SparseAdam)
+    layer = model.net.layers[0]
+    x = torch.tensor([[2, 3, 2, 2, 3, 0, 0], [4, 5, 3, 1, 0, 0, 0]])  # domains 2 and 3 only
+    for step in range(3):
+        before = layer.domain_weight.detach().clone()
+        shared = layer.weight.detach().clone()
+        optimizer.zero_grad()
+        model(x if step != 1 else x[:1]).sum().backward()  # step 1: domain 2 alone
+        assert layer.domain_weight.grad.is_sparse
+        assert clip_grad_norm(model.parameters(), 1e-3) > 1e-3  # clipping takes sparse gradients
+        optimizer.step()
+        moved = (layer.domain_weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+        assert moved == ([2] if step == 1 else [2, 3])  # domain 3 keeps its weights in step 1
+        assert not torch.equal(layer.weight.detach(), shared)

@@ -54,6 +54,11 @@ class STAR(_DomainModel):
         emb = self.embedding(x)  # (B, F, D)
         return self.net(emb.flatten(1), x[:, self.domain_index], emb[:, self.domain_index])
 
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The network's per-domain parameters as role ``domain`` (lazy updates)."""
+        roles = getattr(self.net, "parameter_roles", None)  # a folded network has none
+        return roles() if callable(roles) else {}
+
 
 class MMoE(_DomainModel):
     """MMoE with one gate and one tower per domain (Ma et al., 2018; APG Table 6):

@@ -229,8 +229,10 @@ class PartitionedNorm(nn.Module):
             mean, var = mean[groups.inverse], var[groups.inverse]  # (B, E_in)
         else:
             mean, var = self.running_mean[domain], self.running_var[domain]  # (B, E_in)
-        scale = self.weight * self.domain_weight[domain] / torch.sqrt(var + self.eps)  # (B, E_in)
-        shift = self.bias + self.domain_bias[domain]  # (B, E_in)
+        # sparse gradients: only the rows of the batch's domains (see StarNetwork.parameter_roles)
+        gamma = nn.functional.embedding(domain, self.domain_weight, sparse=True)  # (B, E_in)
+        scale = self.weight * gamma / torch.sqrt(var + self.eps)  # (B, E_in)
+        shift = self.bias + nn.functional.embedding(domain, self.domain_bias, sparse=True)  # (B, E_in)
         return (h - mean) * scale + shift  # (B, E_in)
 
     def _batch_statistics(self, h: Tensor, groups: DomainGroups) -> tuple[Tensor, Tensor]:
@@ -265,8 +267,13 @@ class PartitionedNorm(nn.Module):
 class StarLinear(nn.Module):
     """One star-topology FCN layer: ``W*_d = W_d o W``, ``b*_d = b_d + b``.
 
-    Every domain's ``W_d (N, M)`` and ``b_d (N,)`` is a slice of one registered
-    parameter, ``domain_weight (P, N, M)`` and ``domain_bias (P, N)`` (init 1 and 0).
+    Every domain's ``W_d (N, M)`` and ``b_d (N,)`` is a row of one registered parameter,
+    ``domain_weight (P, N * M)`` (row p = ``W_p`` flattened) and ``domain_bias (P, N)``
+    (init 1 and 0). They are read with sparse gradients, so a step's gradient holds the
+    batch's domains only and a lazy optimiser (``torch.optim.SparseAdam``; the training
+    loop's default for the ``domain`` role) leaves the other domains' weights as they
+    are: each domain's parameters learn from its own rows only, and the cost of a step
+    does not grow with P.
 
     Args:
         in_dim: M. out_dim: N. num_domains: P.
@@ -277,13 +284,15 @@ class StarLinear(nn.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim))  # W (shared)
         self.bias = nn.Parameter(torch.empty(out_dim))  # b (shared)
-        self.domain_weight = nn.Parameter(torch.ones(num_domains, out_dim, in_dim))  # W_p
+        self.domain_weight = nn.Parameter(torch.ones(num_domains, out_dim * in_dim))  # W_p, flattened
         self.domain_bias = nn.Parameter(torch.zeros(num_domains, out_dim))  # b_p
         _linear_init_(self.weight, self.bias, in_dim)
 
     def composite(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``ids (K,)`` -> ``W_d o W (K, N, M)`` and ``b_d + b (K, N)`` for those domains."""
-        return self.weight * self.domain_weight[ids], self.bias + self.domain_bias[ids]
+        weight = nn.functional.embedding(ids, self.domain_weight, sparse=True).view(-1, self.out_dim, self.in_dim)
+        bias = nn.functional.embedding(ids, self.domain_bias, sparse=True)  # (K, N)
+        return self.weight * weight, self.bias + bias
 
     def forward(self, x: Tensor, groups: DomainGroups, grouped: bool) -> Tensor:
         """``x (B, M) -> (B, N)`` (no activation); see :func:`domain_linear`."""
@@ -393,6 +402,15 @@ class StarNetwork(nn.Module):
             "norm": sum(p.numel() for p in self.norm.parameters()) if self.norm is not None else 0,
             "aux": sum(p.numel() for p in self.aux.parameters()),
         }
+
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """``{"domain": [...]}``: the per-domain parameters (PN's gamma_p, beta_p, every
+        layer's W_p, b_p), whose gradients are sparse; the training loop updates them
+        lazily (``TrainConfig.group_optimizers`` may pick FTRL for them instead)."""
+        domain = [self.norm.domain_weight, self.norm.domain_bias] if self.norm is not None else []
+        for layer in self.layers:
+            domain += [layer.domain_weight, layer.domain_bias]
+        return {"domain": domain}
 
     def fold(self) -> FoldedStarNetwork:
         """The serving form (eval; ``self`` is left untouched)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -161,6 +161,27 @@ def parameter_roles(model: nn.Module) -> dict[int, str]:
     return roles
 
 
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """``nn.utils.clip_grad_norm_`` that also takes sparse gradients (STAR's per-domain
+    rows; torch's has no sparse norm): the total L2 norm over every gradient, each
+    scaled by ``max_norm / norm`` when that is below 1. Returns the total norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+#: The role of per-domain parameters read with sparse gradients (STAR's W_p, b_p): unless
+#: ``group_optimizers`` names it, updated lazily by ``torch.optim.SparseAdam``.
+LAZY_ROLE = "domain"
+
+
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Adam | CombinedOptimizer:
@@ -168,19 +189,22 @@ def make_optimizer(
 
     With ``cfg.group_optimizers``, each listed role gets its own optimiser (FTRL,
     group-lasso FTRL or Adam at its own ``lr``) and the rest keeps these Adam groups;
-    the result steps them all as one (:class:`CombinedOptimizer`). Adam uses the fused
+    parameters of role ``domain`` (sparse gradients) get ``SparseAdam`` at ``cfg.lr``
+    unless listed; the result steps them all as one (:class:`CombinedOptimizer`). Adam uses the fused
     CUDA kernel on CUDA and the ``foreach`` implementation elsewhere.
     """
     roles = parameter_roles(model)
     own = cfg.group_optimizers or {}
     per_role: dict[str, list[nn.Parameter]] = {role: [] for role in own}
-    emb, dense, flat = [], [], []
+    emb, dense, flat, lazy = [], [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         role = roles.get(id(p))
         if role in own:
             per_role[role].append(p)
+        elif role == LAZY_ROLE:
+            lazy.append(p)
         elif role == "embedding":
             emb.append(p)
         elif p.ndim >= 2:
@@ -193,10 +217,10 @@ def make_optimizer(
         {"params": flat, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if not groups and not any(per_role.values()):
+    if not groups and not lazy and not any(per_role.values()):
         raise ValueError("model has no trainable parameters")
     kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if not own:
+    if not own and not lazy:
         return torch.optim.Adam(groups, lr=cfg.lr, **kernel)
     empty = sorted(role for role, params in per_role.items() if not params)
     if empty:
@@ -209,6 +233,8 @@ def make_optimizer(
             optimizers[role] = torch.optim.Adam(per_role[role], **hyper, **kernel)
         else:
             optimizers[role] = (FTRL if kind == "ftrl" else GroupFTRL)(per_role[role], **hyper)
+    if lazy:  # sparse gradients (only the batch's domains): Adam's moments for those rows only
+        optimizers[LAZY_ROLE] = torch.optim.SparseAdam(lazy, lr=cfg.lr)
     if groups:
         optimizers["default"] = torch.optim.Adam(groups, lr=cfg.lr, **kernel)
     return CombinedOptimizer(optimizers)
@@ -331,7 +357,7 @@ def train(
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    clip_grad_norm(model.parameters(), cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
 
