@@ -20,8 +20,9 @@ MODELS = [
     small_config(family="dnn", adasparse=ADASPARSE),
     small_config(family="dcnv2", adasparse={"formulation": "fusion", "pruner_input": "domain"}),
     small_config(family="wdl", adasparse={"formulation": "scaling"}, dropout=0.2, batch_norm=True),
+    small_config(family="maml", maml={"inner_lr": 0.3}),
 ]
-IDS = ["star", "mmoe", "dnn_adasparse", "dcnv2_adasparse", "wdl_adasparse"]
+IDS = ["star", "mmoe", "dnn_adasparse", "dcnv2_adasparse", "wdl_adasparse", "maml"]
 
 
 @pytest.mark.parametrize("config", MODELS, ids=IDS)
@@ -75,6 +76,7 @@ def test_a_fine_domain_partition_is_any_categorical_field(spec):
     ({"family": "star", "adasparse": {}}, "adasparse: family 'star'"),
     ({"family": "wdl", "star": {}}, "only family 'star'"),
     ({"family": "mmoe", "mmoe": {"num_experts": 0}}, "mmoe.num_experts"),
+    ({"family": "maml", "maml": {"inner_lr": 0}}, "maml.inner_lr"),
 ])
 def test_bad_multidomain_configs_name_the_key(spec, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -109,3 +111,73 @@ def test_star_domains_absent_from_a_batch_keep_their_weights(spec):
         moved = (layer.domain_weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
         assert moved == ([2] if step == 1 else [2, 3])  # domain 3 keeps its weights in step 1
         assert not torch.equal(layer.weight.detach(), shared)
+
+
+def _maml(spec, inner_lr=0.5):
+    return perturb(build_model(small_config(family="maml", maml={"inner_lr": inner_lr}), spec)).double()
+
+
+def test_maml_meta_loss_is_first_order_maml_on_the_head_per_domain(spec, big_batch):
+    """Against a loop: per domain, one SGD step on its support rows' mean BCE (autograd),
+    then the query rows' BCE at the adapted head; first-order: the head's gradient is the
+    query loss's gradient at the adapted weights."""
+    model = _maml(spec).train()
+    y = torch.randint(0, 2, (big_batch.shape[0],), generator=torch.Generator().manual_seed(0)).double()
+    loss = model.meta_loss(big_batch, y)
+    (grad_w,) = torch.autograd.grad(loss, [model.head.weight])
+
+    z, domain = model.features(big_batch)
+    z = z.detach()
+    w, b = model.head.weight.detach()[0], model.head.bias.detach()[0]
+    support = torch.arange(len(y)) % 2 == 0
+    adapted_w, adapted_b = {}, {}
+    for d in domain.unique().tolist():
+        rows = support & (domain == d)
+        ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+        if rows.any():
+            inner = torch.nn.functional.binary_cross_entropy_with_logits(z[rows] @ ww + bb, y[rows])
+            gw, gb = torch.autograd.grad(inner, [ww, bb])
+        else:
+            gw, gb = torch.zeros_like(w), torch.zeros(())
+        adapted_w[d], adapted_b[d] = (w - 0.5 * gw).requires_grad_(), (b - 0.5 * gb)
+    query = (~support).nonzero().flatten().tolist()
+    logits = torch.stack([z[i] @ adapted_w[int(domain[i])] + adapted_b[int(domain[i])] for i in query])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[query])
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    fast = torch.autograd.grad(expected, [adapted_w[d] for d in adapted_w])  # dL/dw' per domain
+    torch.testing.assert_close(grad_w[0], sum(fast), rtol=1e-8, atol=1e-12)
+
+
+def test_maml_adapts_each_domain_head_on_its_rows_and_serves_it(spec, big_batch):
+    from dynamic_ctr.training.batching import TensorData
+
+    model = _maml(spec, inner_lr=1.0).eval()
+    y = torch.randint(0, 2, (big_batch.shape[0],), generator=torch.Generator().manual_seed(1)).double()
+    shared = model(big_batch)
+    model.adapt(TensorData(big_batch, y))
+    z, domain = model.features(big_batch)
+    w, b = model.head.weight[0].detach(), model.head.bias[0].detach()
+    for d in range(model.num_domains):
+        rows = domain == d
+        if not rows.any():  # no rows: the shared head
+            torch.testing.assert_close(model.adapted_weight[d], w)
+            continue
+        ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+        inner = torch.nn.functional.binary_cross_entropy_with_logits(z[rows].detach() @ ww + bb, y[rows])
+        gw, gb = torch.autograd.grad(inner, [ww, bb])
+        torch.testing.assert_close(model.adapted_weight[d], w - gw, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model.adapted_bias[d], b - gb, rtol=1e-10, atol=1e-12)
+    served = model(big_batch)
+    assert not torch.allclose(served, shared)  # evaluation reads each row's domain head
+    torch.testing.assert_close(served, (z * model.adapted_weight[domain]).sum(1) + model.adapted_bias[domain])
+
+
+def test_maml_trains_through_the_loop_and_validates_adapted(spec, big_batch):
+    from dynamic_ctr.training.batching import TensorData
+    from dynamic_ctr.training.loop import TrainConfig, train
+
+    y = torch.randint(0, 2, (big_batch.shape[0],), generator=torch.Generator().manual_seed(2)).float()
+    data = TensorData(big_batch, y)
+    model = build_model(small_config(family="maml"), spec)
+    result = train(model, data, data, TrainConfig(max_epochs=2, batch_size=16, progress=False))
+    assert bool(result.model.adapted) and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)

@@ -14,14 +14,14 @@ from dynamic_ctr.models.config import DENSE_FAMILIES, ModelConfig, resolve_confi
 from dynamic_ctr.models.dynint import XDeepInt
 from dynamic_ctr.models.embedding import field_order
 from dynamic_ctr.models.layers import MLPTower
-from dynamic_ctr.models.multidomain import STAR, MMoE
+from dynamic_ctr.models.multidomain import MAML, STAR, MMoE
 from dynamic_ctr.spec import FeatureSpec
 
 __all__ = ["MODELS", "build_dense", "build_model"]
 
 #: Every model family: the backbones around a dense tower, xDeepInt/DynInt, and the
 #: multi-domain networks.
-MODELS = {**BACKBONES, "xdeepint": XDeepInt, "star": STAR, "mmoe": MMoE}
+MODELS = {**BACKBONES, "xdeepint": XDeepInt, "star": STAR, "mmoe": MMoE, "maml": MAML}
 
 
 def build_dense(cfg: ModelConfig, spec: FeatureSpec, in_dim: int) -> nn.Module:

@@ -27,6 +27,7 @@ __all__ = [
     "AdaSparseConfig",
     "ConditionConfig",
     "DynIntConfig",
+    "MAMLConfig",
     "MMoEConfig",
     "ModelConfig",
     "StarConfig",
@@ -35,12 +36,12 @@ __all__ = [
     "resolve_config",
 ]
 
-FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint", "star", "mmoe")
+FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint", "star", "mmoe", "maml")
 #: Families with a dense (MLP, APG or AdaSparse) tower; xdeepint is its interaction
 #: network alone; star and mmoe are multi-domain networks of their own.
-DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2")
+DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "maml")
 #: Families that read a domain id per sample (``domain_field``).
-DOMAIN_FAMILIES = ("star", "mmoe")
+DOMAIN_FAMILIES = ("star", "mmoe", "maml")
 ADASPARSE_FORMULATIONS = ("binarization", "scaling", "fusion")
 PRUNER_INPUTS = ("domain_and_hidden", "domain")
 DYNINT_MODES = ("static", "da", "dgp", "dwp")
@@ -324,6 +325,16 @@ class MMoEConfig:
 
 
 @dataclass(frozen=True)
+class MAMLConfig:
+    """First-order MAML over domains (``models/multidomain.py``): the head's inner step."""
+
+    inner_lr: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_float("maml.inner_lr", self.inner_lr, 0.0, low_open=True)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One CTR model: a backbone family, its dense tower, and optionally APG.
 
@@ -353,7 +364,7 @@ class ModelConfig:
         domain_field: the field whose value is a sample's domain for ``star``, ``mmoe``
             and AdaSparse's default ``e_d`` (categorical; default ``spec.domain_field``).
             A coarse partition (a genre) or a fine one (the item, APG Table 6).
-        star, mmoe: the settings of those families (defaults when absent).
+        star, mmoe, maml: the settings of those families (defaults when absent).
         dynint: the interaction network of family ``xdeepint`` (required there, refused
             elsewhere); ``hidden_units``, ``dropout`` and ``batch_norm`` do not apply to it.
         seed: seed of the parameter init (``build_model`` does not touch the global RNG).
@@ -374,6 +385,7 @@ class ModelConfig:
     domain_field: str | None = None
     star: StarConfig | None = None
     mmoe: MMoEConfig | None = None
+    maml: MAMLConfig | None = None
     dynint: DynIntConfig | None = None
     seed: int = 0
     folded: bool = False
@@ -408,7 +420,7 @@ class ModelConfig:
                 raise ValueError(f"adasparse: family {self.family!r} has no dense tower to prune")
         if self.domain_field is not None and not isinstance(self.domain_field, str):
             raise ValueError(f"domain_field={self.domain_field!r} must be a field name")
-        for key, kind in (("star", StarConfig), ("mmoe", MMoEConfig)):
+        for key, kind in (("star", StarConfig), ("mmoe", MMoEConfig), ("maml", MAMLConfig)):
             value = getattr(self, key)
             if value is not None and (self.family != key or not isinstance(value, kind)):
                 raise ValueError(f"{key}={value!r}: only family {key!r} takes it, as a {kind.__name__}")
@@ -485,7 +497,7 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-SUB_CONFIGS: dict[str, type] = {"adasparse": AdaSparseConfig, "star": StarConfig, "mmoe": MMoEConfig}
+SUB_CONFIGS: dict[str, type] = {"adasparse": AdaSparseConfig, "star": StarConfig, "mmoe": MMoEConfig, "maml": MAMLConfig}
 
 
 def parse_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
@@ -516,7 +528,7 @@ def _resolve_domains(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
             raise ValueError(f"domain_field={domain!r} must be a categorical field of the spec {sorted(known)}")
     updates: dict[str, Any] = {"domain_field": domain}
     if cfg.family in DOMAIN_FAMILIES and getattr(cfg, cfg.family) is None:
-        updates[cfg.family] = StarConfig() if cfg.family == "star" else MMoEConfig()
+        updates[cfg.family] = {"star": StarConfig, "mmoe": MMoEConfig, "maml": MAMLConfig}[cfg.family]()
     if cfg.adasparse is not None:
         fields_ = cfg.adasparse.fields or (domain,)
         unknown = [f for f in fields_ if f not in known]

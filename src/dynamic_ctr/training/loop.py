@@ -321,6 +321,11 @@ def train(
     # right after each forward (a per-instance penalty belongs to that batch).
     penalty_of = getattr(model, "penalty", None)
     penalty_of = penalty_of if callable(penalty_of) else None
+    # A model may also replace the loss (``model.meta_loss(x, y) -> Tensor``, first-order
+    # MAML) and adapt itself to the training rows before it is evaluated
+    # (``model.adapt(train)``, MAML's per-domain adaptation); both optional.
+    meta_loss = getattr(model, "meta_loss", None)
+    adapt = getattr(model, "adapt", None)
     torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use in forward
     shuffle_gen = make_generator(cfg.seed, device)
     eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
@@ -347,8 +352,11 @@ def train(
             batch_iter = batches(train, cfg.batch_size, shuffle=True, generator=shuffle_gen)
             for step, (xb, yb) in enumerate(batch_iter, 1):
                 with autocast_ctx:
-                    logits = model(xb)  # (B,)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
+                    if meta_loss is not None:  # a model that trains on its own objective (MAML)
+                        loss = meta_loss(xb, yb).float()
+                    else:
+                        logits = model(xb)  # (B,)
+                        loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
                 if penalty_of is not None:  # a model-supplied loss term (e.g. DynInt's eqs. 11-12)
                     extra = penalty_of()
                     if extra is not None:
@@ -375,6 +383,8 @@ def train(
             train_loss = loss_sum.item() / len(train)
             train_seconds = time.perf_counter() - t0
 
+            if callable(adapt):  # validate (and keep as best) the adapted model
+                adapt(train)
             probs = evaluate(model, valid, eval_bs, autocast_dtype=amp_dtype)
             if not np.isfinite(probs).all():
                 raise NonFiniteLossError(

@@ -113,7 +113,7 @@ def evaluate_variant(
 def _describe(config: dict[str, Any]) -> dict[str, Any]:
     """Model family, backbone and condition of a model config, for the summary."""
     apg, dynint, adasparse = config.get("apg"), config.get("dynint"), config.get("adasparse")
-    if config["family"] in ("star", "mmoe"):  # a network per domain partition
+    if config["family"] in ("star", "mmoe", "maml"):  # domain-specific parameters
         return {"model_family": "multidomain", "backbone": config["family"],
                 "condition": f"domain({config.get('domain_field')})", "apg_version": None}
     if adasparse:
