@@ -19,8 +19,8 @@ def flush_denormals() -> None:
 
     Values below float32's normal range (1.2e-38) arise in these models (a sigmoid of a
     very negative logit, products of near-zero embeddings) and x86 CPUs process them
-    tens of times slower: an AdaSparse DNN's forward measured 248 ms with them and
-    6.4 ms without, on 1024 rows. Results change only below 1.2e-38. Called by
+    tens of times slower (an AdaSparse tower's forward on CPU slowed by more than an
+    order of magnitude when they appeared). Results change only below 1.2e-38. Called by
     :func:`resolve_device` and :func:`~dynamic_ctr.training.metrics.evaluate`.
     """
     torch.set_flush_denormal(True)
