@@ -240,3 +240,19 @@ def test_group_optimizers_give_each_role_its_own_optimiser(spec):
         TrainConfig(group_optimizers={"embedding": {"optimizer": "adam", "l1": 0.1}})
     with pytest.raises(ValueError, match="needs optimizer in"):
         TrainConfig(group_optimizers={"embedding": {"optimizer": "sgd"}})
+
+
+def test_clip_grad_norm_scales_dense_and_sparse_gradients_like_torch():
+    from dynamic_ctr.training.loop import clip_grad_norm
+
+    table = torch.nn.Parameter(torch.randn(6, 3))
+    weight = torch.nn.Parameter(torch.randn(4))
+    (torch.nn.functional.embedding(torch.tensor([1, 4, 4]), table, sparse=True).sum() * 3 + (weight**2).sum()).backward()
+    dense = [table.grad.to_dense().clone(), weight.grad.clone()]
+    total = torch.sqrt(sum(g.square().sum() for g in dense))
+    assert torch.isclose(clip_grad_norm([table, weight], 1e9), total)  # below the bound: unchanged
+    torch.testing.assert_close(table.grad.to_dense(), dense[0])
+    assert torch.isclose(clip_grad_norm([table, weight], 0.5), total)
+    clipped = torch.sqrt(table.grad.to_dense().square().sum() + weight.grad.square().sum())
+    assert torch.isclose(clipped, torch.tensor(0.5), atol=1e-5)
+    torch.testing.assert_close(weight.grad, dense[1] * 0.5 / total, rtol=1e-5, atol=1e-7)

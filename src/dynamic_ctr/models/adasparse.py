@@ -99,6 +99,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from dynamic_ctr.models.layers import HiddenActivation
+
 __all__ = [
     "FORMULATIONS",
     "PRUNER_INPUTS",
@@ -165,21 +167,6 @@ def weighting_factors(
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation={formulation!r} must be one of {FORMULATIONS}")
     return _factors_and_retention(logits, formulation, alpha, beta, epsilon)[0]
-
-
-class _HiddenActivation(nn.Module):
-    """``BatchNorm1d? -> ReLU -> Dropout?``, as ``layers.HiddenActivation`` (same
-    attribute names; absent parts are ``nn.Identity``)."""
-
-    def __init__(self, width: int, batch_norm: bool, dropout: float) -> None:
-        super().__init__()
-        self.norm: nn.Module = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
-        self.act = nn.ReLU()
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, h: Tensor) -> Tensor:
-        """``(B, H) -> (B, H)``."""
-        return self.dropout(self.act(self.norm(h)))
 
 
 class AdaSparseTower(nn.Module):
@@ -304,7 +291,7 @@ class AdaSparseTower(nn.Module):
         dims = [in_dim, *hidden_units]
         self.domain_dim = len(domain_fields) * embedding_dim  # C
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-        self.acts = nn.ModuleList(_HiddenActivation(b, batch_norm, dropout) for b in dims[1:])
+        self.acts = nn.ModuleList(HiddenActivation(b, batch_norm, dropout) for b in dims[1:])
         with_hidden = pruner_input == "domain_and_hidden"
         self.pruners = nn.ModuleList(
             nn.Linear(self.domain_dim + (n if with_hidden else 0), n) for n in dims[:-1]
@@ -515,11 +502,11 @@ def _linear_from(weight: Tensor, bias: Tensor) -> nn.Linear:
     return linear
 
 
-def _sliced_activation(act: _HiddenActivation, rows: Tensor) -> _HiddenActivation:
+def _sliced_activation(act: HiddenActivation, rows: Tensor) -> HiddenActivation:
     """The serving activation of the kept ``rows``: BatchNorm entries sliced, no dropout
     (no BatchNorm either for zero rows: nothing to normalise)."""
     batch_norm = isinstance(act.norm, nn.BatchNorm1d) and len(rows) > 0
-    new = _HiddenActivation(len(rows), batch_norm, 0.0)
+    new = HiddenActivation(len(rows), batch_norm, 0.0)
     if batch_norm:
         norm, src = new.norm, act.norm
         norm.eps, norm.momentum = src.eps, src.momentum

@@ -432,7 +432,7 @@ class APGTower(nn.Module):
             APGLinear(APGLinearConfig(a, b, d_cond or a, apg.rank_of(i), apg))
             for i, (a, b) in enumerate(itertools.pairwise(dims))
         )
-        self.acts = nn.ModuleList(HiddenActivation(cfg, b) for b in dims[1:])
+        self.acts = nn.ModuleList(HiddenActivation(b, cfg.batch_norm, cfg.dropout) for b in dims[1:])
         self.out_dim = dims[-1]
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:

@@ -9,13 +9,36 @@ towers ignore it). Backbones take the tower as an injected module.
 from __future__ import annotations
 
 import itertools
+import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dynamic_ctr.models.config import ModelConfig
 
-__all__ = ["CrossNetV1", "CrossNetV2", "FactorizationMachine", "HiddenActivation", "MLPTower", "check_domain_input"]
+__all__ = [
+    "CrossNetV1",
+    "CrossNetV2",
+    "FactorizationMachine",
+    "HiddenActivation",
+    "MLPTower",
+    "check_domain_input",
+    "check_units",
+]
+
+
+def check_units(name: str, units: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
+    """Layer widths as a tuple of ints >= 1 (``allow_empty``: none is fine); raises
+    ``ValueError`` naming ``name`` otherwise."""
+    values = list(units)
+    try:
+        checked: tuple[int, ...] | None = tuple(operator.index(u) for u in values)
+    except TypeError:
+        checked = None
+    if checked is None or any(u < 1 for u in checked) or (not checked and not allow_empty):
+        raise ValueError(f"{name}={values} must hold{'' if allow_empty else ' one or more'} ints >= 1")
+    return checked
 
 
 def check_domain_input(h: Tensor, domain: Tensor, in_dim: int, num_domains: int) -> int:
@@ -42,15 +65,16 @@ class HiddenActivation(nn.Module):
     folded model, whose dropout is removed, loads the unfolded state dict).
 
     Args:
-        cfg: model config (``batch_norm``, ``dropout``).
         width: H, the layer width.
+        batch_norm: BatchNorm1d before the ReLU.
+        dropout: dropout after it (0 = none).
     """
 
-    def __init__(self, cfg: ModelConfig, width: int) -> None:
+    def __init__(self, width: int, batch_norm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm: nn.Module = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
+        self.norm: nn.Module = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
         self.act = nn.ReLU()
-        self.dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: Tensor) -> Tensor:
         """``(B, H) -> (B, H)``."""
@@ -69,7 +93,7 @@ class MLPTower(nn.Module):
         super().__init__()
         dims = [in_dim, *cfg.hidden_units]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-        self.acts = nn.ModuleList(HiddenActivation(cfg, b) for b in dims[1:])
+        self.acts = nn.ModuleList(HiddenActivation(b, cfg.batch_norm, cfg.dropout) for b in dims[1:])
         self.out_dim = dims[-1]
 
     def forward(self, h: Tensor, emb: Tensor | None = None) -> Tensor:

@@ -49,26 +49,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dynamic_ctr.models.layers import check_domain_input
+from dynamic_ctr.models.layers import check_domain_input, check_units
 
 __all__ = ["MMoENetwork"]
-
-
-def _check_units(name: str, units: Sequence[int], allow_empty: bool) -> tuple[int, ...]:
-    values = list(units)
-    try:
-        checked: tuple[int, ...] | None = tuple(operator.index(u) for u in values)
-    except TypeError:
-        checked = None
-    if checked is None or any(u < 1 for u in checked) or (not checked and not allow_empty):
-        raise ValueError(f"{name}={values} must hold{'' if allow_empty else ' one or more'} ints >= 1")
-    return checked
 
 
 def _batched_linear(count: int, dims: Sequence[int]) -> tuple[nn.ParameterList, nn.ParameterList]:
@@ -119,8 +107,8 @@ class MMoENetwork(nn.Module):
         for name, value in dims:
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
-        expert_units = _check_units("expert_units", expert_units, allow_empty=False)
-        tower_units = _check_units("tower_units", tower_units, allow_empty=True)
+        expert_units = check_units("expert_units", expert_units, allow_empty=False)
+        tower_units = check_units("tower_units", tower_units, allow_empty=True)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         self.in_dim, self.num_domains, self.num_experts = in_dim, num_domains, num_experts

@@ -79,14 +79,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dynamic_ctr.models.layers import check_domain_input
+from dynamic_ctr.models.layers import check_domain_input, check_units
 
 __all__ = [
     "GROUPED_MAX_DOMAINS",
@@ -167,17 +166,6 @@ def _check_dims(**dims: int) -> None:
     for name, value in dims.items():
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
-
-
-def _check_units(name: str, units: Sequence[int]) -> tuple[int, ...]:
-    values = list(units)
-    try:
-        checked: tuple[int, ...] | None = tuple(operator.index(u) for u in values)
-    except TypeError:
-        checked = None
-    if checked is None or any(u < 1 for u in checked):
-        raise ValueError(f"{name}={values} must hold ints >= 1")
-    return checked
 
 
 def _linear_init_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -340,8 +328,8 @@ class StarNetwork(nn.Module):
     ) -> None:
         super().__init__()
         _check_dims(in_dim=in_dim, num_domains=num_domains, domain_dim=domain_dim)
-        hidden_units = _check_units("hidden_units", hidden_units)
-        aux_hidden = _check_units("aux_hidden", aux_hidden)
+        hidden_units = check_units("hidden_units", hidden_units, allow_empty=True)
+        aux_hidden = check_units("aux_hidden", aux_hidden, allow_empty=True)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         self.in_dim, self.num_domains, self.domain_dim = in_dim, num_domains, domain_dim

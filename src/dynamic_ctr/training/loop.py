@@ -170,10 +170,9 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
         return torch.zeros(())
     norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms))
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
-        for g in grads:
-            g.mul_(scale)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # a tensor: no host sync per step
+    for g in grads:
+        g.mul_(scale)
     return total
 
 

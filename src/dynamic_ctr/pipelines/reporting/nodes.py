@@ -7,6 +7,7 @@ in ``conf/base/parameters_reporting.yml``, labelled with their table.
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 import json
@@ -23,7 +24,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dynamic_ctr.models import generated_cores  # noqa: E402
+from dynamic_ctr.models import build_model, count_parameters, generated_cores  # noqa: E402
 from dynamic_ctr.pipelines.training.nodes import frame_to_tensors  # noqa: E402
 from dynamic_ctr.significance import delong_test, paired_delta, verdict  # noqa: E402
 from dynamic_ctr.spec import FeatureSpec  # noqa: E402
@@ -337,7 +338,7 @@ def _regrained(config: dict[str, Any], coarse: str | None, fine: str) -> dict[st
     def swap(names: list[str] | None) -> list[str] | None:
         return None if names is None else [fine if n == coarse else n for n in names]
 
-    out = json.loads(json.dumps(config))
+    out = copy.deepcopy(config)
     if out.get("domain_field") == coarse:
         out["domain_field"] = fine
     if out.get("adasparse"):
@@ -352,8 +353,6 @@ def parameters_by_grain(configs: dict[str, dict[str, Any]], spec: FeatureSpec) -
     """Each variant's parameter count with its domain parameters per domain (coarse, as
     trained) and per item (fine, APG Table 6), built on the meta device (no memory).
     Variants that do not read the domain have the same count at both grains."""
-    from dynamic_ctr.models import build_model, count_parameters
-
     rows = []
     for name, config in configs.items():
         counts = {}
