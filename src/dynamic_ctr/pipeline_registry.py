@@ -4,7 +4,9 @@
 - ``<suite>`` for every suite in ``pipelines.suite.SUITES`` (``kedro run --pipeline
   apg``): the data pipelines, then the suite's planning, training, folding and
   reporting;
-- ``scoring``: on demand only (it needs a deployed model and new raw files);
+- ``scoring`` (the retraining champion) and ``scoring_suite`` (a suite's deployed
+  model): on demand only (they need a model and new raw files);
+- ``partition_log``, ``retrain``, ``rollback``: scheduled retraining (README);
 - ``__default__``: the data pipelines and the suites that fit the shipped data.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from dynamic_ctr.pipelines import domains, features, folding, ingestion, planning, reporting, scoring, training
+from dynamic_ctr.pipelines import domains, features, folding, ingestion, planning, reporting, retrain, scoring, training
 from dynamic_ctr.pipelines.suite import DEFAULT_SUITES, SUITES, all_variant_names
 
 
@@ -34,5 +36,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "data": data,
         **{suite: data + pipeline for suite, pipeline in suites.items()},
         "scoring": scoring.create_pipeline(),
+        "scoring_suite": scoring.create_suite_pipeline(),
+        "partition_log": retrain.create_partition_pipeline(),
+        "retrain": retrain.create_pipeline(),
+        "rollback": retrain.create_rollback_pipeline(),
         "__default__": data + sum((suites[s] for s in DEFAULT_SUITES), Pipeline([])),
     }

@@ -1,7 +1,11 @@
-"""Project settings: only the config loader is changed from Kedro's defaults."""
+"""Project settings: the config loader, and the hook that locks the retraining champion."""
 
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
+
+from dynamic_ctr.hooks import ChampionLock
+
+HOOKS = (ChampionLock(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -82,3 +82,44 @@ def test_wrong_input_shape_raises(spec):
     emb = FieldEmbedding(spec, 3)
     with pytest.raises(ValueError, match=r"\(B, 7\)"):
         emb(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_carry_over_embeddings_moves_known_rows_and_keeps_new_ones_fresh() -> None:
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.models.embedding import carry_over_embeddings
+
+    old_spec = FeatureSpec((FieldSpec("user", "categorical", 6), FieldSpec("g", "sequence", 4, max_len=2)))
+    new_spec = FeatureSpec((FieldSpec("user", "categorical", 5), FieldSpec("g", "sequence", 6, max_len=2)))
+    config = {"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "apg": {"version": "v4", "rank": 2}}
+    old = build_model({**config, "seed": 1}, old_spec)
+    new = build_model({**config, "seed": 2}, new_spec)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    maps = {"user": [0, 1, 5, -1, 2], "g": [0, 1, 3, 2, -1, -1]}  # new index -> old index
+    carry_over_embeddings(old, new, maps)
+    for module_name in ("embedding", "linear_embedding"):
+        old_table = getattr(old, module_name, None)
+        if old_table is None:
+            continue
+        o, n = old_table.table.weight, getattr(new, module_name).table.weight
+        f = fresh[f"{module_name}.table.weight"]
+        for field, rows, o_start, n_start in (("user", maps["user"], 0, 0), ("g", maps["g"], 6, 5)):
+            for i, j in enumerate(rows):
+                expected = f[n_start + i] if j < 0 else o[o_start + j]
+                torch.testing.assert_close(n[n_start + i], expected, rtol=0, atol=0, msg=f"{module_name} {field} row {i}")
+    old_state = old.state_dict()
+    for key, value in new.state_dict().items():
+        if not key.endswith("table.weight"):
+            torch.testing.assert_close(value, old_state[key], rtol=0, atol=0)
+
+
+def test_carry_over_refuses_models_that_differ_beyond_vocabularies() -> None:
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.models.embedding import carry_over_embeddings
+
+    spec = FeatureSpec((FieldSpec("user", "categorical", 6),))
+    old = build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "seed": 1}, spec)
+    wider = build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [5], "seed": 1}, spec)
+    with pytest.raises(ValueError, match=r"only vocabularies may differ"):
+        carry_over_embeddings(old, wider, {"user": list(range(6))})
+    with pytest.raises(ValueError, match="the row map has"):
+        carry_over_embeddings(old, build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "seed": 1}, spec), {"user": [0, 1]})

@@ -49,3 +49,9 @@ def tiny():
     test_frame, _ = encoder.transform(test)
     test_frame["frequency_group"] = np.arange(len(test_frame)) % 10
     return encoder.feature_spec(), test_frame
+
+
+@pytest.fixture(scope="session")
+def project_maker():
+    """``(make_project, repository root)`` for fixtures of a wider scope than ``project``."""
+    return make_project, PROJECT

@@ -86,7 +86,7 @@ def test_train_fold_report_and_score(project: Path) -> None:
     assert (report / "efficiency_table.parquet").is_dir()
 
     # scoring: the shipped tiny ratings through the same adapter and the deployed model
-    _run(project, pipeline_names=["scoring"])
+    _run(project, pipeline_names=["scoring_suite"])
     predictions = pd.read_parquet(_latest(project, "data/07_model_output/tiny/scoring_predictions.parquet"))
     scoring = json.loads(_latest(project, "data/08_reporting/tiny/scoring_report.json").read_text())
     ratings = pd.read_csv(project / "data/01_raw/ml-latest-tiny/ratings.csv")

@@ -291,6 +291,29 @@ def _encode_lists(enc: FieldEncoder, column: pa.Array) -> tuple[np.ndarray, np.n
     return slots, np.minimum(counts, enc.max_len).astype(np.int16), oov_rows, int((counts > enc.max_len).sum())
 
 
+ItemLists = dict[str, dict[Any, list[str]]]
+
+
+def item_list_lookup(train: pd.DataFrame, schema: TableSchema) -> ItemLists:
+    """Per ``item_aggregated`` column, each training item's values, ordered by how often
+    they were given in training (ties by value). Only ``train`` is read."""
+    lookups: ItemLists = {}
+    for name in schema.item_aggregated:
+        exploded = train[[schema.item_key, name]].explode(name).dropna()
+        freq = exploded.groupby([schema.item_key, name], sort=False).size().rename("n").reset_index()
+        freq = freq.sort_values([schema.item_key, "n", name], ascending=[True, False, True])
+        lookups[name] = freq.groupby(schema.item_key, sort=False)[name].agg(list).to_dict()
+    return lookups
+
+
+def apply_item_lists(frame: pd.DataFrame, lookups: ItemLists, schema: TableSchema) -> pd.DataFrame:
+    """``frame`` with each ``item_aggregated`` column replaced by its item's list from
+    ``lookups`` (an empty list for an item not in it)."""
+    list_type = pd.ArrowDtype(pa.list_(pa.string()))
+    items = frame[schema.item_key].tolist()
+    return frame.assign(**{name: pd.array([lookup.get(i, []) for i in items], dtype=list_type) for name, lookup in lookups.items()})
+
+
 def aggregate_item_lists(
     train: pd.DataFrame, others: list[pd.DataFrame], schema: TableSchema
 ) -> tuple[pd.DataFrame, list[pd.DataFrame], dict[str, int]]:
@@ -300,19 +323,6 @@ def aggregate_item_lists(
     items that never appear in training get an empty list. Only training rows are read,
     so no validation or test interaction leaks into a feature.
     """
-    counts: dict[str, int] = {}
-    for name in schema.item_aggregated:
-        exploded = train[[schema.item_key, name]].explode(name).dropna()
-        freq = exploded.groupby([schema.item_key, name], sort=False).size().rename("n").reset_index()
-        freq = freq.sort_values([schema.item_key, "n", name], ascending=[True, False, True])
-        per_item = freq.groupby(schema.item_key, sort=False)[name].agg(list)
-        counts[f"{name}_items_with_values"] = int(len(per_item))
-        lookup = per_item.to_dict()
-        list_type = pd.ArrowDtype(pa.list_(pa.string()))
-
-        def apply(frame: pd.DataFrame) -> pd.DataFrame:
-            values = [lookup.get(i, []) for i in frame[schema.item_key].tolist()]
-            return frame.assign(**{name: pd.array(values, dtype=list_type)})
-
-        train, others = apply(train), [apply(o) for o in others]
-    return train, others, counts
+    lookups = item_list_lookup(train, schema)
+    counts = {f"{name}_items_with_values": len(lookup) for name, lookup in lookups.items()}
+    return apply_item_lists(train, lookups, schema), [apply_item_lists(o, lookups, schema) for o in others], counts

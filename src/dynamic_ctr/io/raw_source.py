@@ -16,9 +16,12 @@ The dataset is read-only: raw data is never written by the pipeline.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
 from dynamic_ctr.data.raw import RawFileConfig, RawTable, read_raw
@@ -42,3 +45,41 @@ class RawSourceDataset(AbstractDataset[None, dict[str, RawTable | None]]):
 
     def _describe(self) -> dict[str, Any]:
         return {name: cfg.filepath for name, cfg in self._files.items()}
+
+
+class RawFileDataset(AbstractDataset[pd.DataFrame, RawTable]):
+    """One raw file, read as :func:`~dynamic_ctr.data.raw.read_raw` reads it; the
+    dataset of a ``partitions.PartitionedDataset`` of dated raw files (a click log that
+    grows by one file a week). Saving writes the rows as CSV (atomically: a temporary
+    file renamed into place), which only ``kedro run --pipeline partition_log`` does, to
+    cut the shipped log into partitions.
+
+    Args:
+        filepath: the file.
+        **options: the other :class:`~dynamic_ctr.data.raw.RawFileConfig` options.
+    """
+
+    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None, **options: Any) -> None:
+        self._config = RawFileConfig.from_dict({"filepath": filepath, **options})
+        self.metadata = metadata
+
+    def load(self) -> RawTable:
+        return read_raw(self._config)
+
+    def save(self, data: pd.DataFrame) -> None:
+        path = Path(self._config.filepath)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                data.to_csv(handle, index=False, sep=self._config.sep)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _exists(self) -> bool:
+        return Path(self._config.filepath).is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._config.filepath}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dynamic_ctr.spec import PAD_INDEX, FeatureSpec
 
-__all__ = ["EMBEDDING_INIT_STD", "FieldEmbedding", "field_order"]
+__all__ = ["EMBEDDING_INIT_STD", "FieldEmbedding", "carry_over_embeddings", "field_order"]
 
 # Small normal init, as in DeepCTR/FuxiCTR: the first steps see near-zero embeddings.
 EMBEDDING_INIT_STD = 1e-4
@@ -174,3 +174,55 @@ class FieldEmbedding(nn.Module):
             both = torch.bmm(slot_weights, rows)  # (B, F + 1, D)
             sq_norms = torch.einsum("bs,bsd->b", active, rows[..., :norm_columns].square())  # (B,)
         return both[:, :-1], both[:, -1], sq_norms
+
+
+def carry_over_embeddings(old: nn.Module, new: nn.Module, row_maps: dict[str, Tensor | list[int]]) -> None:
+    """Copy ``old``'s weights into ``new``, a model of the same config built on a
+    refitted vocabulary, in place.
+
+    Every :class:`FieldEmbedding` of ``new`` takes, for each field, row ``i`` of the
+    field from ``old``'s row ``row_maps[field][i]`` (``-1``: a value ``old`` never saw,
+    left as ``new`` initialised it); every other parameter and buffer must have the same
+    shape in both and is copied as is.
+
+    Raises:
+        ValueError: the two models differ in anything but their fields' vocabularies
+            (names the parameter), or a field has no row map.
+    """
+    old_modules = dict(old.named_modules())
+    remapped: set[str] = set()
+    with torch.no_grad():
+        for path, module in new.named_modules():
+            if not isinstance(module, FieldEmbedding):
+                continue
+            before = old_modules.get(path)
+            if not isinstance(before, FieldEmbedding) or before.field_names != module.field_names:
+                raise ValueError(f"{path or '<root>'}: the old model has no field embedding with fields {module.field_names}")
+            new_start, old_start = _field_starts(module), _field_starts(before)
+            for name in module.field_names:
+                if name not in row_maps:
+                    raise ValueError(f"no row map for field {name!r}")
+                rows = torch.as_tensor(row_maps[name], dtype=torch.long)
+                size = new_start[name][1] - new_start[name][0]
+                if rows.shape != (size,):
+                    raise ValueError(f"field {name!r}: the row map has {tuple(rows.shape)} entries, the new vocabulary {size}")
+                known = rows >= 0
+                target = torch.arange(new_start[name][0], new_start[name][1])[known]
+                module.table.weight[target] = before.table.weight[rows[known] + old_start[name][0]]
+            remapped.add(f"{path}.table.weight" if path else "table.weight")
+        old_state = old.state_dict()
+        for key, value in new.state_dict().items():
+            if key in remapped:
+                continue
+            if key not in old_state or old_state[key].shape != value.shape:
+                got = tuple(old_state[key].shape) if key in old_state else "missing"
+                raise ValueError(f"{key}: {tuple(value.shape)} in the new model, {got} in the old one; only vocabularies may differ")
+            value.copy_(old_state[key])
+
+
+def _field_starts(module: FieldEmbedding) -> dict[str, tuple[int, int]]:
+    """``{field: (first row, end row)}`` of ``module``'s shared table."""
+    starts = module.offsets.tolist()
+    firsts = [int(starts[i]) for i in module.field_start.tolist()]
+    ends = [*firsts[1:], module.table.num_embeddings]
+    return dict(zip(module.field_names, zip(firsts, ends)))

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dynamic_ctr.data.domains import DomainEncoder, DomainParams, domain_table, frequency_groups
-from dynamic_ctr.data.encoder import FeatureEncoder
+from dynamic_ctr.data.encoder import FeatureEncoder, ItemLists, apply_item_lists
 from dynamic_ctr.spec import FeatureSpec, FieldSpec
 
 DOMAIN_FIELD = "domain"
@@ -71,10 +71,30 @@ def assign_domains(
             frame[GROUP_COLUMN] = np.full(len(frame), -1, dtype=np.int8)
         outputs.append(frame)
         stats[split] = (ids, frame["label"].to_numpy())
+    spec_dict = spec_with_domain(base_spec, domains)
+    spec_dict["metadata"] = {**spec_dict["metadata"], "frequency_key": key, "frequency_group_column": GROUP_COLUMN}
+    return outputs[0], outputs[1], outputs[2], spec_dict, domain_table(stats, domains.names)
+
+
+def spec_with_domain(base_spec: dict[str, Any], domains: DomainEncoder) -> dict[str, Any]:
+    """The encoder's feature spec plus the ``domain`` field (and the domain names)."""
     spec = FeatureSpec.from_dict(base_spec).with_field(
         FieldSpec(name=DOMAIN_FIELD, kind="categorical", vocab_size=domains.vocab_size, source="domain"),
         domain_field=DOMAIN_FIELD,
     )
-    spec_dict = spec.to_dict()
-    spec_dict["metadata"] = {"domain_names": domains.names, "frequency_key": key, "frequency_group_column": GROUP_COLUMN}
-    return outputs[0], outputs[1], outputs[2], spec_dict, domain_table(stats, domains.names)
+    out = spec.to_dict()
+    return {**out, "metadata": {**(out.get("metadata") or {}), "domain_names": domains.names}}
+
+
+def encode_rows(
+    table: pd.DataFrame, feature_encoder: dict[str, Any], domain_encoder: dict[str, Any], item_lists: ItemLists, passthrough: tuple[str, ...] = ()
+) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
+    """Encode clean rows exactly as a trained model's inputs were: its item-level lists,
+    its feature encoder, its domains. Returns the model input and, per field, the rows
+    holding a value the encoder never saw (``oov_rows``)."""
+    encoder = FeatureEncoder.from_dict(feature_encoder)
+    if encoder.schema.item_aggregated:
+        table = apply_item_lists(table, item_lists, encoder.schema)
+    encoded, stats = encoder.transform(table, passthrough=passthrough)
+    encoded[DOMAIN_FIELD] = DomainEncoder.from_dict(domain_encoder).transform(table)
+    return encoded, stats

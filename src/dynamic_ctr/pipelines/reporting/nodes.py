@@ -33,7 +33,7 @@ from dynamic_ctr.training.metrics import auc, evaluate, gauc, log_loss  # noqa: 
 GROUP_COLUMN = "frequency_group"
 
 
-def _metrics(y: np.ndarray, p: np.ndarray, frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, Any]:
+def score_metrics(y: np.ndarray, p: np.ndarray, frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"auc": auc(y, p), "logloss": log_loss(y, p)}
     if spec.user_field:
         users = frame[spec.user_field].to_numpy()
@@ -80,7 +80,7 @@ def evaluate_variant(
     for name, model in models.items():
         p = evaluate(model, test)
         predictions[name] = p.astype(np.float64)  # float32 would add ties and move the AUC
-        m = _metrics(y, p, test_frame, spec)
+        m = score_metrics(y, p, test_frame, spec)
         if spec.domain_field:
             m["by_domain"] = _by_group(y, p, test_frame[spec.domain_field].to_numpy())
         if GROUP_COLUMN in test_frame:
@@ -233,7 +233,7 @@ def _equal_budget(variant: dict[str, Any] | None, base: dict[str, Any] | None) -
     return same_plan and finished
 
 
-def _figure_html(fig: plt.Figure) -> str:
+def figure_html(fig: plt.Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
@@ -700,18 +700,18 @@ def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, dom
         "<i>equal_budget</i> says whether the variant and its base had the same tuning budget on the shared search "
         "space (trials planned and finished, epochs, seeds).</p>",
         _table(comparison) if len(comparison) else "<p>No paper rows configured.</p>",
-        "<h2>Gain per activity group</h2>", _figure_html(figures["frequency"]),
-        "<h2>Generated S_i (PCA)</h2>", _figure_html(figures["pca"]),
-        "<h2>Hyper-parameter studies (Optuna trials)</h2>", _figure_html(figures["study"]),
-        *(["<h2>Sweeps</h2>", _figure_html(figures["sweep"])] if summary["sweeps"] else []),
-        "<h2>Interaction kernel spectrum</h2>", _figure_html(figures["spectrum"]),
+        "<h2>Gain per activity group</h2>", figure_html(figures["frequency"]),
+        "<h2>Generated S_i (PCA)</h2>", figure_html(figures["pca"]),
+        "<h2>Hyper-parameter studies (Optuna trials)</h2>", figure_html(figures["study"]),
+        *(["<h2>Sweeps</h2>", figure_html(figures["sweep"])] if summary["sweeps"] else []),
+        "<h2>Interaction kernel spectrum</h2>", figure_html(figures["spectrum"]),
         "<h2>Efficiency</h2><p>Latency: median CPU forward of one batch; hidden memory per batch, counted analytically.</p>",
         _table(efficiency),
         "<h2>Gain per domain-size bin</h2>",
         ("<p>Domains ranked by test rows into 5 bins of equal rows; each bin's test-AUC gain over the base, mean "
          "over seeds, row-weighted. The variants table gives each variant's uplifted-domains ratio (the share of "
          "domains whose AUC beats the base's).</p>"),
-        _figure_html(figures["domain_gain"]), _table(domain_gain_table),
+        figure_html(figures["domain_gain"]), _table(domain_gain_table),
         *(["<h2>AdaSparse: sparsity and learned masks</h2>",
             ("<p>Share of exactly-zero factors per layer on the test rows (first seed); with the pruner on the "
              "domain alone, each domain's pruned serving form was checked against the masked model, and both "
@@ -719,7 +719,7 @@ def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, dom
             _table(pd.DataFrame([{"variant": n, **{k: v for k, v in r.items() if k != "pruned_latency"},
                                   **{f"pruned_{k}": v for k, v in (r.get("pruned_latency") or {}).items()}}
                                  for n, r in summary["adasparse"].items()])),
-            _figure_html(figures["masks"])] if summary["adasparse"] else []),
+            figure_html(figures["masks"])] if summary["adasparse"] else []),
         "<h2>Parameters at coarse and fine grain</h2>",
         ("<p>Each variant's parameter count with its domain parameters per domain (coarse: as trained) and per "
          "item (fine, APG Table 6), counted without allocating them.</p>"),

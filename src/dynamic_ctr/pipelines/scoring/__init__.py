@@ -1,5 +1,5 @@
-"""The scoring pipeline."""
+"""The scoring pipelines (the retraining champion, or a suite's deployed model)."""
 
-from .pipeline import create_pipeline
+from .pipeline import create_pipeline, create_suite_pipeline
 
-__all__ = ["create_pipeline"]
+__all__ = ["create_pipeline", "create_suite_pipeline"]
