@@ -7,6 +7,10 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -133,6 +137,44 @@ def test_rollback_and_scoring_serve_the_chosen_champion(retrained: Path, monkeyp
     _run(retrained, "scoring")
     report = json.loads((_versions(retrained, "data/08_reporting/movielens_latest/scoring_report.json")[-1] / "scoring_report.json").read_text())
     assert report["model"]["model_id"] == now["model_id"] and report["rows_scored"] > 0
+
+
+def test_a_holdout_the_champion_trained_on_is_refused(retrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(retrained)
+    before = _versions(retrained, CHAMPION)
+    trained_on = _champion_meta(retrained)["trained_on"]
+    with pytest.raises(RetrainError, match=rf"holdout {trained_on[-1]} is not newer than the champion's training data"):
+        _run(retrained, "retrain", {"retrain.as_of": trained_on[-1]})
+    assert _versions(retrained, CHAMPION) == before
+
+
+def test_a_cycle_killed_while_training_resumes_from_its_last_epoch(tmp_path: Path, project_maker) -> None:
+    make_project, repository = project_maker
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        root = make_project(tmp_path / "project", monkeypatch)
+        shutil.copytree(repository / DATA, root / DATA)
+        _run(root, "partition_log")
+        holdout = max(p.stem for p in (root / PARTITIONS).iterdir())
+        state = root / "data/06_models/movielens_latest/retrain/checkpoints" / holdout / "cold" / "resume.json"
+        args = ["--params", "retrain.cold_start.train.max_epochs=3,retrain.cold_start.train.patience=3,training.train.progress=False"]
+        child = subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipeline", "retrain", *args], cwd=root,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state.exists(), "the cycle never wrote its first epoch's state"
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait()
+        assert not (root / CHAMPION).exists() or not _versions(root, CHAMPION)  # killed before any champion
+        _run(root, "retrain", {"retrain.cold_start.train.max_epochs": 3, "retrain.cold_start.train.patience": 3})
+        cold = _record(root)["training"]["cold"]
+        assert cold["resumed_from_epoch"] >= 1 and [h["epoch"] for h in cold["history"]] == [1, 2, 3]
+        assert not state.parent.exists()  # the resume state is removed once the challengers are trained
+    finally:
+        monkeypatch.undo()
 
 
 def _newest_partition(root: Path, text: str) -> None:

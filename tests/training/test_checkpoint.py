@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -8,7 +11,7 @@ import torch
 
 from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training import load_checkpoint, read_config, save_checkpoint
-from dynamic_ctr.training.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from dynamic_ctr.training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 
 
 @pytest.fixture
@@ -33,7 +36,13 @@ def test_round_trip_gives_identical_outputs_and_leaves_no_temp_dirs(tmp_path, mo
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["apg"]  # no temp siblings
 
     config = json.loads((target / CONFIG_NAME).read_text())
-    assert config == {"format_version": 1, "model": model.config, "spec": spec.to_dict()}
+    weights = (target / WEIGHTS_NAME).read_bytes()
+    assert config == {
+        "format_version": 1,
+        "model": model.config,
+        "spec": spec.to_dict(),
+        "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
+    }
     assert FeatureSpec.from_dict(config["spec"]) == spec
 
     loaded = load_checkpoint(target, builder=builder)
@@ -111,3 +120,89 @@ def test_load_checks_format_version_and_strict_keys(tmp_path, model, builder, sp
     (target / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format_version"):
         read_config(target)
+
+
+# ------------------------------------------------------------ integrity
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("flip_a_byte", r"SHA-256 [0-9a-f]{64} does not match .* \(corrupted or tampered with\)"),
+        ("truncate", r"bytes, but .*config\.json records \d+ \(truncated or replaced\)"),
+        ("swap", r"bytes, but .*config\.json records|does not match"),  # another checkpoint's weights
+    ],
+)
+def test_tampered_or_truncated_weights_are_refused_naming_the_file(tmp_path, model, builder, spec, damage, match):
+    target = tmp_path / "ckpt"
+    save_checkpoint(model, target)
+    weights = target / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    if damage == "flip_a_byte":
+        data[-5] ^= 0x01  # in the tensor payload: still a well-formed safetensors file
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        save_checkpoint(builder({"dim": 3, "hidden": 6}, spec), tmp_path / "other")
+        data = bytearray((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    weights.write_bytes(bytes(data))
+    built = []
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_checkpoint(target, builder=lambda cfg, s: built.append(cfg) or builder(cfg, s))
+    assert str(weights) in str(error.value)
+    assert built == []  # refused before any model is built or any tensor parsed
+    assert isinstance(error.value, ValueError)
+
+
+def test_checkpoints_without_a_recorded_hash_still_load_with_a_warning(tmp_path, model, builder, spec, caplog):
+    target = tmp_path / "ckpt"
+    save_checkpoint(model, target)
+    config = json.loads((target / CONFIG_NAME).read_text())
+    del config["weights"]  # as written before hashes were recorded
+    (target / CONFIG_NAME).write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="dynamic_ctr.training.checkpoint"):
+        loaded = load_checkpoint(target, builder=builder)
+    assert "without an integrity check" in caplog.text
+    x = _x(spec)
+    assert torch.equal(loaded(x), model(x))
+    weights = target / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-20])  # truncated: the parser still refuses it
+    with pytest.raises(CheckpointError, match=f"{weights}: not a readable safetensors file"):
+        load_checkpoint(target, builder=builder)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "match"),
+    [
+        ('{"format_version": 1, "model": {', "not valid JSON"),
+        ('{"format_version": 1, "model": {}, "spec": {}, "weights": {"sha256": "abc"}}', "malformed 'weights' entry"),
+    ],
+)
+def test_a_damaged_config_is_refused_naming_it(tmp_path, model, config_text, match):
+    target = tmp_path / "ckpt"
+    save_checkpoint(model, target)
+    (target / CONFIG_NAME).write_text(config_text)
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_checkpoint(target)
+    assert str(target / CONFIG_NAME) in str(error.value)
+
+
+def test_torch_load_is_only_ever_called_with_weights_only():
+    """Nothing in the project may unpickle arbitrary objects: every ``torch.load`` call
+    passes ``weights_only=True`` (a literal, so it cannot be switched off by a variable)."""
+    root = Path(__file__).resolve().parents[2]
+    calls = []
+    for path in sorted([*(root / "src").rglob("*.py"), *(root / "benchmarks").rglob("*.py"), *(root / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                owner = node.func.value
+                if isinstance(owner, ast.Name) and owner.id == "torch":
+                    safe = any(
+                        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                        for k in node.keywords
+                    )
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", safe))
+    assert calls, "expected at least the resume state's torch.load"
+    assert [where for where, safe in calls if not safe] == []
+    assert not any("pickle" in line for p in (root / "src").rglob("*.py") for line in p.read_text().splitlines()
+                   if line.lstrip().startswith(("import pickle", "from pickle", "import dill", "import cloudpickle")))

@@ -20,7 +20,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from dynamic_ctr.training.batching import TensorData, batches, num_batches, tensors_from_columns
-from dynamic_ctr.training.checkpoint import load_checkpoint, read_config, save_checkpoint
+from dynamic_ctr.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 from dynamic_ctr.training.device import make_generator, resolve_device, seed_everything
 from dynamic_ctr.training.loop import (
     NonFiniteLossError,
@@ -59,6 +64,7 @@ _TUNING_NAMES = (
 )
 
 __all__ = [
+    "CheckpointError",
     "NonFiniteLossError",
     "TensorData",
     "TrainConfig",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dynamic_ctr.training import resume as _resume
 from dynamic_ctr.training.batching import TensorData, batches, num_batches
-from dynamic_ctr.training.device import make_generator
+from dynamic_ctr.training.device import flush_denormals, make_generator
 from dynamic_ctr.training.metrics import auc, evaluate, log_loss
 from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL
 
@@ -138,12 +140,15 @@ class TrainResult:
             ``val_logloss``, ``seconds`` (whole epoch, validation included) and
             ``samples_per_s`` (training rows per second of the training steps only).
         model: the trained model, best weights loaded, in train mode.
+        resumed_from_epoch: the epoch whose resume state the run continued from
+            (``train(..., checkpoint_dir=...)``); 0 when it started afresh.
     """
 
     best_val_auc: float
     best_epoch: int
     history: list[dict[str, float]]
     model: nn.Module
+    resumed_from_epoch: int = 0
 
 
 def parameter_roles(model: nn.Module) -> dict[int, str]:
@@ -278,6 +283,7 @@ def train(
     cfg: TrainConfig | None = None,
     *,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Fit ``model`` on ``train``, early-stopping on the validation AUC of ``valid``.
 
@@ -295,7 +301,19 @@ def train(
         cfg: hyper-parameters; ``None`` = ``TrainConfig()``.
         on_epoch_end: called as ``on_epoch_end(epoch, val_auc)`` after each epoch's
             validation (1-based epoch); exceptions it raises (e.g.
-            ``optuna.TrialPruned``) propagate to the caller.
+            ``optuna.TrialPruned``) propagate to the caller. A resumed run first
+            calls it for each epoch restored from the checkpoint, in order, so the
+            callback sees every epoch of the run (an Optuna trial that resumes a
+            killed one gets all its intermediate values).
+        checkpoint_dir: the run's resume directory (:mod:`dynamic_ctr.training.resume`);
+            ``None`` = no resume state. After every completed epoch (validation and
+            early-stopping bookkeeping done, before ``on_epoch_end``) the full
+            state is written there atomically. If the directory already holds the
+            state of this very run (same config, model, data and device; anything
+            else is refused), training continues at the next epoch, bit-identical to
+            an uninterrupted run on the CPU; if that state says training had
+            stopped, the result is returned without training more. The directory
+            is left in place (delete it when the result is safe).
 
     Returns:
         :class:`TrainResult`; ``result.model`` is ``model`` with the best weights.
@@ -303,6 +321,8 @@ def train(
     Raises:
         NonFiniteLossError: a training loss is NaN/inf (message names epoch, step
             and the last finite loss) or validation predictions are not finite.
+        CheckpointError: ``checkpoint_dir`` holds a damaged or tampered-with resume
+            state, or that of another run (a ``ValueError``; names the file).
     """
     cfg = TrainConfig() if cfg is None else cfg
     device = train.device
@@ -334,8 +354,37 @@ def train(
     history: list[dict[str, float]] = []
     epochs_without_improvement = 0
     last_finite: float | None = None
+    start_epoch, stopped, resumed_from = 1, False, 0
 
-    for epoch in range(1, cfg.max_epochs + 1):
+    run = None
+    if checkpoint_dir is not None:
+        run = _resume.run_description(model, cfg, train, valid)
+        saved = _resume.load_state(checkpoint_dir, run)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if saved["scaler"]:
+                scaler.load_state_dict(saved["scaler"])
+            best_state = saved["best_state"]
+            best_auc, best_epoch = float(saved["best_auc"]), saved["best_epoch"]
+            epochs_without_improvement = saved["epochs_without_improvement"]
+            history, last_finite = saved["history"], saved["last_finite"]
+            resumed_from, stopped = saved["epoch"], saved["stopped"]
+            start_epoch = resumed_from + 1
+            logger.info(
+                "resuming from the state after epoch %d in %s%s",
+                resumed_from, checkpoint_dir, " (training had already stopped)" if stopped else "",
+            )  # fmt: skip
+            if on_epoch_end is not None:
+                for h in history:
+                    on_epoch_end(int(h["epoch"]), h["val_auc"])
+            _resume.restore_rng(saved["rng"], shuffle_gen, device)  # last: where epoch start_epoch draws
+            flush_denormals()  # as an uninterrupted run's first validation left it
+            del saved
+
+    for epoch in range(start_epoch, cfg.max_epochs + 1):
+        if stopped:
+            break
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)  # sum of per-row losses, stays on device
@@ -413,6 +462,26 @@ def train(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             epochs_without_improvement += 1
+        if checkpoint_dir is not None:
+            assert run is not None and best_state is not None
+            _resume.save_state(
+                checkpoint_dir,
+                {
+                    "epoch": epoch,
+                    "stopped": epochs_without_improvement >= cfg.patience or epoch == cfg.max_epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best_state": best_state,
+                    "best_auc": best_auc,
+                    "best_epoch": best_epoch,
+                    "epochs_without_improvement": epochs_without_improvement,
+                    "history": history,
+                    "last_finite": last_finite,
+                    "rng": _resume.capture_rng(shuffle_gen, device),
+                },
+                run,
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch, val_auc)
         if epochs_without_improvement >= cfg.patience:
@@ -426,4 +495,6 @@ def train(
 
     assert best_state is not None  # at least one epoch ran
     model.load_state_dict(best_state)
-    return TrainResult(best_val_auc=best_auc, best_epoch=best_epoch, history=history, model=model)
+    return TrainResult(
+        best_val_auc=best_auc, best_epoch=best_epoch, history=history, model=model, resumed_from_epoch=resumed_from
+    )

@@ -21,6 +21,24 @@ The Optuna parameter names are the paths themselves.
 k trials and started again reaches ``n_trials`` in total. Failed trials (including
 the one running when the process was interrupted) do not count and are re-run.
 
+**Killed processes.** With an RDB storage every running trial records a heartbeat
+(``StudyConfig.heartbeat_interval``). A trial whose process died (``kill -9``, OOM,
+a lost machine) stops beating; when the study is next opened, ``run_study`` marks it
+FAIL once its last heartbeat is older than the grace period (waiting for that, at
+most ``grace_period + 2 * heartbeat_interval`` seconds, when the study is reopened
+sooner), and queues a retry with the same params (``max_retry`` times). With
+``StudyConfig.checkpoint_dir`` every trial trains with a resume directory
+``<checkpoint_dir>/<study_name>/trial_<n>``; a retry uses the killed trial's
+directory, so it continues from that trial's last completed epoch (user attrs
+``retry_of`` and ``resumed_from_epoch``). A trial's directory is deleted once the
+trial has finished (COMPLETE, PRUNED, or FAIL by an exception); directories no
+running or queued trial needs are deleted when the study is opened. Without an RDB
+storage nothing is checkpointed (an in-memory study cannot be resumed).
+
+A sampler's random state is not stored, so the params TPE draws after a restart are
+not those an uninterrupted study would have drawn (queued and retried trials keep
+theirs).
+
 Requires optuna (imported at module level: ``dynamic_ctr.training`` loads this
 module lazily).
 """
@@ -28,9 +46,14 @@ module lazily).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 import math
+import os
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +67,7 @@ from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training.batching import TensorData
 from dynamic_ctr.training.device import seed_everything
 from dynamic_ctr.training.loop import NonFiniteLossError, TrainConfig, TrainResult, train
+from dynamic_ctr.training.resume import read_manifest, remove_state
 
 __all__ = [
     "StudyConfig",
@@ -54,7 +78,9 @@ __all__ = [
     "finished_trials",
     "fit",
     "run_study",
+    "study_checkpoint_dir",
     "suggest",
+    "trial_checkpoint_dir",
     "trials_table",
     "tune",
     "validate_space",
@@ -64,6 +90,15 @@ logger = logging.getLogger(__name__)
 
 _SCALAR = (type(None), bool, int, float, str)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+_PENDING = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+# optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback (RDBStorage's
+# heartbeat_stale_trial_callback); earlier 4.x: RetryFailedTrialCallback (failed_trial_callback)
+_RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+_STALE_CALLBACK_ARG = (
+    "heartbeat_stale_trial_callback"
+    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+    else "failed_trial_callback"
+)
 
 
 # ---------------------------------------------------------------- search space
@@ -227,6 +262,16 @@ class StudyConfig:
         n_warmup_steps: epochs of a trial that are never pruned.
         direction: ``"maximize"`` (AUC) or ``"minimize"``.
         verbose: keep Optuna's per-trial INFO logs.
+        checkpoint_dir: root of the trials' resume directories
+            (``<checkpoint_dir>/<study_name>/trial_<n>``, module docstring); ``None``
+            = no checkpoints. Used only with an RDB ``storage``.
+        heartbeat_interval: seconds between a running trial's heartbeats in an RDB
+            storage; ``None`` = no heartbeat (a killed trial then stays RUNNING).
+        grace_period: seconds without a heartbeat after which a RUNNING trial is
+            considered dead and marked FAIL; ``None`` = ``2 * heartbeat_interval``.
+            Must exceed ``heartbeat_interval``.
+        max_retry: how often a trial killed mid-run is queued again with the same
+            params (``None`` = always); 0 = never (a new trial is drawn instead).
     """
 
     study_name: str = "dynamic-ctr"
@@ -239,6 +284,10 @@ class StudyConfig:
     n_warmup_steps: int = 0
     direction: Literal["maximize", "minimize"] = "maximize"
     verbose: bool = False
+    checkpoint_dir: str | None = None
+    heartbeat_interval: int | None = 60
+    grace_period: int | None = None
+    max_retry: int | None = 3
 
     def __post_init__(self) -> None:
         if not self.study_name:
@@ -253,6 +302,24 @@ class StudyConfig:
             raise ValueError(f"{self.direction=} must be 'maximize' or 'minimize'")
         if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
             raise ValueError(f"{self.n_startup_trials=} and {self.n_warmup_steps=} must be >= 0")
+        if self.checkpoint_dir is not None and not (isinstance(self.checkpoint_dir, (str, os.PathLike)) and str(self.checkpoint_dir)):
+            raise ValueError(f"{self.checkpoint_dir=} must be a non-empty path or None")
+        for name, low in (("heartbeat_interval", 1), ("grace_period", 1), ("max_retry", 0)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"{name}={value!r} must be an int >= {low} or None")
+        if self.grace_period is not None and (self.heartbeat_interval is None or self.grace_period <= self.heartbeat_interval):
+            raise ValueError(
+                f"{self.grace_period=} needs a heartbeat_interval below it (got {self.heartbeat_interval}): "
+                "a grace period shorter than the interval would fail live trials"
+            )
+
+    @property
+    def effective_grace_period(self) -> int | None:
+        """Seconds without a heartbeat before a RUNNING trial counts as dead."""
+        if self.heartbeat_interval is None:
+            return None
+        return self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
 
 
 def _prepare_storage(storage: str | None) -> None:
@@ -262,6 +329,119 @@ def _prepare_storage(storage: str | None) -> None:
     db = storage.removeprefix("sqlite:///").split("?", 1)[0]
     if db and db != ":memory:":
         Path(db).parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    """Optuna flags its heartbeat API as experimental; it is what we rely on here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _make_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage | None:
+    """``None`` (in memory), or the RDB storage of ``cfg.storage`` with heartbeats and
+    retries of killed trials when ``cfg.heartbeat_interval`` is set."""
+    if cfg.storage is None:
+        return None
+    _prepare_storage(cfg.storage)
+    if cfg.heartbeat_interval is None:
+        return optuna.storages.RDBStorage(cfg.storage)
+    with _quiet_experimental():
+        return optuna.storages.RDBStorage(
+            cfg.storage,
+            heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.effective_grace_period,
+            **{_STALE_CALLBACK_ARG: _RetryCallback(max_retry=cfg.max_retry)},
+        )
+
+
+def study_checkpoint_dir(cfg: StudyConfig) -> Path | None:
+    """``<checkpoint_dir>/<study_name>``: where a study's runs keep their resume state;
+    ``None`` without ``checkpoint_dir`` or without a persistent (RDB) storage."""
+    if cfg.checkpoint_dir is None or cfg.storage is None:
+        return None
+    return Path(cfg.checkpoint_dir) / cfg.study_name
+
+
+def _retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    with _quiet_experimental():
+        return _RetryCallback.retried_trial_number(trial)
+
+
+def _frozen(trial: optuna.Trial | optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        return trial
+    for t in trial.study.get_trials(deepcopy=False, states=_PENDING):
+        if t.number == trial.number:
+            return t
+    raise LookupError(f"trial {trial.number} is not running in study {trial.study.study_name!r}")
+
+
+def trial_checkpoint_dir(cfg: StudyConfig, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Path | None:
+    """The resume directory of ``trial``: ``<checkpoint_dir>/<study_name>/trial_<n>``
+    with ``n`` the number of the trial it retries (the original one, however often it
+    was retried), else its own; ``None`` when the study keeps no checkpoints."""
+    root = study_checkpoint_dir(cfg)
+    if root is None:
+        return None
+    frozen = _frozen(trial)
+    original = _retry_of(frozen)
+    return root / f"trial_{frozen.number if original is None else original}"
+
+
+def _fail_dead_trials(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Mark FAIL (and queue for retry) the RUNNING trials whose heartbeat stopped.
+
+    A trial killed less than the grace period ago does not look dead yet: wait for it
+    (polling, at most ``grace_period + 2 * heartbeat_interval`` seconds: its last beat
+    may be an interval older than its death, and some databases keep time in whole
+    seconds). A trial still beating after that belongs to a live worker and is left
+    alone (it is not counted as finished, so this process runs trials of its own).
+    """
+    grace = cfg.effective_grace_period
+    if cfg.storage is None or grace is None or cfg.heartbeat_interval is None:
+        return
+
+    def running() -> list[int]:
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+        states = (optuna.trial.TrialState.RUNNING,)
+        return [t.number for t in study.get_trials(deepcopy=False, states=states)]
+
+    numbers = running()
+    if not numbers:
+        return
+    limit = grace + 2 * cfg.heartbeat_interval
+    logger.warning(
+        "study %r: trial(s) %s are RUNNING; waiting up to %ds for them to finish or for their "
+        "heartbeat to go stale (a killed process), so they can be retried",
+        cfg.study_name, numbers, limit,
+    )  # fmt: skip
+    deadline = time.monotonic() + limit
+    while numbers and time.monotonic() < deadline:
+        time.sleep(min(1.0, cfg.heartbeat_interval / 2))
+        numbers = running()
+    if numbers:
+        logger.warning("study %r: trial(s) %s still running elsewhere; not touching them", cfg.study_name, numbers)
+
+
+def _remove_unneeded_checkpoints(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Delete the trial resume directories no RUNNING or WAITING trial will use."""
+    root = study_checkpoint_dir(cfg)
+    if root is None or not root.is_dir():
+        return
+    keep = {trial_checkpoint_dir(cfg, t).name for t in study.get_trials(deepcopy=False, states=_PENDING)}
+    for path in root.glob("trial_*"):
+        if path.name not in keep:
+            remove_state(path)
+
+
+def _remove_finished_checkpoint(cfg: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optimize callback: a trial that ended in this process (COMPLETE, PRUNED, or FAIL
+    by a caught exception) will not resume; delete its resume directory."""
+    if trial.state not in _PENDING:
+        remove_state(trial_checkpoint_dir(cfg, trial))
 
 
 @contextmanager
@@ -296,7 +476,10 @@ def run_study(
 
     Uses ``TPESampler(seed=cfg.seed)`` and a ``MedianPruner`` (or none), and
     ``load_if_exists=True``. Trials already finished in storage count toward
-    ``n_trials``; calling this again on a complete study runs nothing.
+    ``n_trials``; calling this again on a complete study runs nothing. With an RDB
+    storage, trials of killed processes are failed and retried first (module
+    docstring); ``objective_fn`` finds a trial's resume directory with
+    :func:`trial_checkpoint_dir`.
 
     Args:
         objective_fn: maps an ``optuna.Trial`` to its objective value.
@@ -305,7 +488,7 @@ def run_study(
         first_params: Optuna params of a trial to run first in a new (empty) study,
             e.g. the configured defaults, so tuning never ends worse than them.
     """
-    _prepare_storage(cfg.storage)
+    storage = _make_storage(cfg)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.MedianPruner(
@@ -316,7 +499,7 @@ def run_study(
     )
     with _optuna_verbosity(cfg.verbose):
         study = optuna.create_study(
-            storage=cfg.storage,
+            storage=storage,
             sampler=sampler,
             pruner=pruner,
             study_name=cfg.study_name,
@@ -330,20 +513,26 @@ def run_study(
             )
         if first_params and not study.trials:
             study.enqueue_trial(dict(first_params))
+        _fail_dead_trials(study, cfg)  # before counting: a killed trial becomes FAIL + a queued retry
+        _remove_unneeded_checkpoints(study, cfg)
         done = finished_trials(study)
         remaining = cfg.n_trials - done
         logger.info(
             "study %r: %d finished trial(s) in storage, running %d more (n_trials=%d)",
             cfg.study_name, done, max(remaining, 0), cfg.n_trials,
         )  # fmt: skip
+        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [_log_trial]
+        if study_checkpoint_dir(cfg) is not None:
+            callbacks.append(functools.partial(_remove_finished_checkpoint, cfg))
         if remaining > 0:
-            study.optimize(
-                objective_fn,
-                n_trials=remaining,
-                timeout=cfg.timeout,
-                catch=catch,
-                callbacks=[_log_trial],
-            )
+            with _quiet_experimental():
+                study.optimize(
+                    objective_fn,
+                    n_trials=remaining,
+                    timeout=cfg.timeout,
+                    catch=catch,
+                    callbacks=callbacks,
+                )
     return study
 
 
@@ -413,20 +602,22 @@ def fit(
     valid_data: TensorData,
     builder: ModelBuilder | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Build ``config["model"]`` and :func:`train` it with ``config["train"]``.
 
     The training seed drives everything random: the model's initial weights (the
     model config's ``seed`` is set to it), dropout and the batch order. Two seeds
     therefore differ in both initialisation and batch order; one seed reproduces a
-    run exactly on the CPU.
+    run exactly on the CPU. ``checkpoint_dir``: the run's resume directory (see
+    :func:`train`); a killed run continues from its last completed epoch.
     """
     if builder is None:
         from dynamic_ctr.models import build_model as builder
     train_cfg = TrainConfig.from_dict(config["train"])
     seed_everything(train_cfg.seed)
     model = builder(seeded_model_config(config), spec)
-    return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end)
+    return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir)
 
 
 def seeded_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -492,13 +683,24 @@ def tune(
     def objective(trial: optuna.Trial) -> float:
         overrides = suggest(trial, space)
         config = apply_overrides(base_config, overrides)
+        checkpoint = trial_checkpoint_dir(study_cfg, trial)
+        if checkpoint is not None:
+            retry_of = _retry_of(_frozen(trial))
+            manifest = read_manifest(checkpoint)
+            resumed = manifest["epoch"] if manifest is not None else 0
+            if retry_of is not None:
+                trial.set_user_attr("retry_of", retry_of)
+            if retry_of is not None or resumed:
+                trial.set_user_attr("resumed_from_epoch", resumed)
+            if resumed:
+                logger.info("trial %d resumes %s after epoch %d", trial.number, checkpoint, resumed)
 
         def on_epoch_end(epoch: int, val_auc: float) -> None:
             trial.report(val_auc, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
 
-        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end)
+        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("history", result.history)
         trial.set_user_attr("overrides", overrides)
@@ -531,7 +733,10 @@ def tune(
         logger.info(
             "best trial %d ran in an earlier process; retraining its params once", best_trial.number
         )
-        result = fit(best_config, spec, train_data, valid_data, builder)
+        root = study_checkpoint_dir(study_cfg)
+        checkpoint = None if root is None else root / f"best_trial_{best_trial.number}"
+        result = fit(best_config, spec, train_data, valid_data, builder, checkpoint_dir=checkpoint)
+        remove_state(checkpoint)
         model, history, retrained = result.model, result.history, True
         if not math.isclose(result.best_val_auc, best_trial.value, abs_tol=1e-4):
             logger.warning(

@@ -64,12 +64,13 @@ from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training.device import resolve_device, seed_everything
 from dynamic_ctr.training.loop import TrainConfig, train
 from dynamic_ctr.training.metrics import evaluate
+from dynamic_ctr.training.resume import remove_state
 
 logger = logging.getLogger(__name__)
 
 PARAM_KEYS = {
     "partition_role", "partitioning", "as_of", "window", "bootstrap_window", "variant", "vocabulary",
-    "warm_start", "cold_start", "promotion", "seed",
+    "warm_start", "cold_start", "promotion", "seed", "checkpoint_dir",
 }
 PARTITION_COLUMN = "partition"
 
@@ -156,6 +157,12 @@ def load_cycle(
     """
     check_params(retrain)
     plan = plan_cycle(list(partitions), retrain.get("as_of"), int(retrain["window"]), champion is None, retrain.get("bootstrap_window"))
+    seen = max((champion or {"meta": {}})["meta"].get("trained_on") or [""])
+    if plan.holdout <= seen:
+        raise RetrainError(
+            f"holdout {plan.holdout} is not newer than the champion's training data (up to {seen}): "
+            "it would be scored on rows it trained on; set retrain.as_of to a later partition"
+        )
     role = retrain["partition_role"]
     side = {k: v for k, v in side_tables.items() if k != role}
     tables, quarantines, infos, schema = {}, [], {}, None
@@ -252,11 +259,12 @@ def _schedule(training: dict[str, Any], retrain: dict[str, Any], key: str) -> tu
     return config, epochs
 
 
-def _fit(model: nn.Module, config: dict[str, Any], epochs: int, train_data: Any, valid_data: Any) -> tuple[nn.Module, list[dict[str, float]]]:
+def _fit(model: nn.Module, config: dict[str, Any], epochs: int, train_data: Any, valid_data: Any, checkpoint_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model (CPU, eval) and its training record."""
     if epochs == 0:
-        return model.to("cpu").eval(), []
-    result = train(model, train_data, valid_data, TrainConfig.from_dict(config))
-    return result.model.to("cpu").eval(), result.history
+        return model.to("cpu").eval(), {"epochs_run": 0, "history": [], "resumed_from_epoch": 0}
+    result = train(model, train_data, valid_data, TrainConfig.from_dict(config), checkpoint_dir=checkpoint_dir)
+    return result.model.to("cpu").eval(), {"epochs_run": len(result.history), "history": result.history, "resumed_from_epoch": result.resumed_from_epoch}
 
 
 def train_challengers(
@@ -283,6 +291,9 @@ def train_challengers(
     """
     spec = FeatureSpec.from_dict(encoders["feature_spec"])
     device = resolve_device(training.get("device", "auto"))
+    # Each challenger's resume state: a cycle killed mid-training continues from the last
+    # completed epoch when it is run again (training.resume); removed once both are done.
+    root = Path(retrain["checkpoint_dir"]) / cycle["holdout"] if retrain.get("checkpoint_dir") else None
     train_data = frame_to_tensors(inputs["train"], spec, device)
     valid_data = frame_to_tensors(inputs["valid"], spec, device)
     challengers: dict[str, nn.Module] = {}
@@ -300,14 +311,15 @@ def train_challengers(
         if encoders["feature_encoder"] is not champion["feature_encoder"]:
             model = build_model(start.config, spec)
             carry_over_embeddings(start, model, _row_maps(champion["feature_encoder"], encoders["feature_encoder"], spec))
-        challengers["warm"], history = _fit(model, config, epochs, train_data, valid_data)
-        record["warm"] = {"start": "champion", "champion_model_id": champion["meta"].get("model_id"), "epochs_run": len(history), "history": history}
+        challengers["warm"], fitted = _fit(model, config, epochs, train_data, valid_data, root and root / "warm")
+        record["warm"] = {"start": "champion", "champion_model_id": champion["meta"].get("model_id"), **fitted}
     if cold:
         config, epochs = _schedule(training, retrain, "cold_start")
         seed_everything(config["seed"])
         model_config = {**cold_config, "seed": config["seed"]}
-        challengers["cold"], history = _fit(build_model(model_config, spec), config, epochs, train_data, valid_data)
-        record["cold"] = {"start": "scratch", "variant": retrain["variant"], "epochs_run": len(history), "history": history}
+        challengers["cold"], fitted = _fit(build_model(model_config, spec), config, epochs, train_data, valid_data, root and root / "cold")
+        record["cold"] = {"start": "scratch", "variant": retrain["variant"], **fitted}
+    remove_state(root)
     return challengers, record
 
 

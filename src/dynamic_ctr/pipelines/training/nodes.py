@@ -14,7 +14,15 @@ from torch import nn
 from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training.batching import TensorData, tensors_from_columns
 from dynamic_ctr.training.device import resolve_device
-from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, fit, trials_table, tune
+from dynamic_ctr.training.resume import remove_state
+from dynamic_ctr.training.tuning import (
+    StudyConfig,
+    apply_overrides,
+    fit,
+    study_checkpoint_dir,
+    trials_table,
+    tune,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,13 @@ def train_variant(
     search space starts a new one. A variant the plan marks ``not_applicable`` trains
     nothing: its bundle is empty and its summary carries the reason.
 
+    With ``study.checkpoint_dir`` (and an RDB storage) a killed run loses at most the
+    epoch in progress: trials resume from ``<checkpoint_dir>/<study>/trial_<n>`` (see
+    :mod:`dynamic_ctr.training.tuning`), each further seed from
+    ``<checkpoint_dir>/<study>/seed_<s>``. The seeds' directories are kept until every
+    seed has finished (so a kill during the last seed does not retrain the earlier
+    ones), then deleted with the study's checkpoint directory when it is empty.
+
     Returns:
         ``{"seed_<s>": model}`` (CPU, eval mode), the tuning summary (best params and
         value, study name, device, budget), the study's trials table and the per-epoch
@@ -77,11 +92,20 @@ def train_variant(
 
     models: dict[str, nn.Module] = {f"seed_{seeds[0]}": result.best_model}
     histories = [pd.DataFrame(result.best_history).assign(seed=seeds[0])]
+    root = study_checkpoint_dir(study_cfg)
+    seed_dirs = {seed: None if root is None else root / f"seed_{seed}" for seed in seeds[1:]}
     for seed in seeds[1:]:
-        run = fit(apply_overrides(result.best_config, {"train.seed": seed}), spec, train_data, valid_data)
+        config = apply_overrides(result.best_config, {"train.seed": seed})
+        run = fit(config, spec, train_data, valid_data, checkpoint_dir=seed_dirs[seed])
+        if run.resumed_from_epoch:
+            logger.info("variant %s: seed %d resumed after epoch %d", variant_name, seed, run.resumed_from_epoch)
         models[f"seed_{seed}"] = run.model
         histories.append(pd.DataFrame(run.history).assign(seed=seed))
     models = {k: m.to("cpu").eval() for k, m in models.items()}
+    for path in seed_dirs.values():
+        remove_state(path)
+    if root is not None and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
     trials = pd.DataFrame(trials_table(result.study))
     summary = {
