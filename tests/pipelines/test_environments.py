@@ -112,7 +112,7 @@ def _check_suite_report(project: Path, env: str, suite: str) -> None:
         assert set(summary["adasparse"]) == {n for n in trained if "adasparse" in n}
         assert all(len(r["sparsity_by_layer"]) == 3 for r in summary["adasparse"].values())
     report = _latest(project, f"{folder}/report.html").read_text()
-    assert "Not applicable on this data set" in report and "Models on the same split" in report
+    assert "Not run here" in report and "Models on the same split" in report
     for name in skipped:
         assert name in report
 

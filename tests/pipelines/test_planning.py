@@ -226,3 +226,21 @@ def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> Non
     # without a domain field the plan stops before training, naming every variant that needs one
     with pytest.raises(SuitePlanError, match=r"star: lacks the field role '@domain'"):
         plan_suite({**tiny[0].to_dict(), "context_field": "hour"}, TRAINING, suite, suite="multidomain", registered=names)
+
+
+def test_full_only_variants_are_checked_but_left_out_of_the_default_set(spec) -> None:
+    from dynamic_ctr.pipelines.planning.nodes import FULL_ONLY_REASON, SuitePlanError, plan_suite
+
+    training = TRAINING
+    suite = {"defaults": {"model": {"family": "wdl", "embedding_dim": 4, "hidden_units": [8], "dropout": 0.0}},
+             "variants": {"wdl": {}, "big": {"full_only": True, "compare_to": "wdl", "model": {"hidden_units": [16]}}}}
+    default = plan_suite(spec, training, suite, suite="s", registered=["wdl", "big"])
+    assert default["variants"]["wdl"]["status"] == "ready"
+    assert default["variants"]["big"] == {"status": "not_applicable", "reason": FULL_ONLY_REASON, "compare_to": "wdl"}
+    full = plan_suite(spec, {**training, "variant_set": "full"}, suite, suite="s", registered=["wdl", "big"])
+    assert full["variants"]["big"]["status"] == "ready"
+    broken = {**suite, "variants": {**suite["variants"], "big": {"full_only": True, "model": {"hidden_units": [0]}}}}
+    with pytest.raises(SuitePlanError, match="big: "):  # left out, yet checked before any training
+        plan_suite(spec, training, broken, suite="s", registered=["wdl", "big"])
+    with pytest.raises(SuitePlanError, match="training.variant_set='all' must be one of"):
+        plan_suite(spec, {**training, "variant_set": "all"}, suite, suite="s", registered=["wdl", "big"])

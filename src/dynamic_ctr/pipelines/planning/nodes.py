@@ -27,13 +27,19 @@ from dynamic_ctr.spec import ROLES, FeatureSpec
 from dynamic_ctr.training.loop import TrainConfig
 from dynamic_ctr.training.tuning import StudyConfig, apply_overrides, validate_space
 
-VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to"}
+VARIANT_KEYS = {"model", "train", "study", "seeds", "search_space", "compare_to", "full_only"}
+#: ``training.variant_set``: ``default`` leaves out the variants marked ``full_only``
+#: (planned, checked, reported as not run); ``full`` trains every variant.
+VARIANT_SETS = ("default", "full")
 SUITE_KEYS = {"label", "defaults", "variants", "not_applicable", "report", "protocols", "search_space"}
 LIMIT_KEYS = {"n_trials", "max_epochs", "seeds", "train_rows"}
 
 
 class SuitePlanError(ValueError):
     """One or more variants of a suite cannot run on this data (all are listed)."""
+
+
+FULL_ONLY_REASON = "left out of the default run; the full set trains it (kedro run --params training.variant_set=full)"
 
 
 def deep_merge(base: Any, over: Any) -> Any:
@@ -197,6 +203,9 @@ def plan_suite(
     defaults = suite_params.get("defaults") or {}
     declared = suite_params.get("not_applicable") or {}
     limits = training.get("limits") or {}
+    variant_set = training.get("variant_set") or "default"
+    if variant_set not in VARIANT_SETS:
+        raise SuitePlanError(f"training.variant_set={variant_set!r} must be one of {list(VARIANT_SETS)}")
     unknown = set(limits) - LIMIT_KEYS
     if unknown:
         raise SuitePlanError(f"training.limits has unknown key(s) {sorted(unknown)}; known: {sorted(LIMIT_KEYS)}")
@@ -225,7 +234,9 @@ def plan_suite(
             plan[name] = {"status": "not_applicable", "reason": str(declared[name]), "compare_to": base}
             continue
         try:
-            plan[name] = _plan_variant(name, entry, training, limits, spec)
+            plan[name] = _plan_variant(name, entry, training, limits, spec)  # checked even when left out
+            if entry.get("full_only") and variant_set != "full":
+                plan[name] = {"status": "not_applicable", "reason": FULL_ONLY_REASON, "compare_to": base}
         except MissingRoleError as e:
             problems.append(f"{name}: {e}; if this data set cannot have it, declare it under {suite}.not_applicable")
         except (ValueError, TypeError, KeyError) as e:

@@ -686,7 +686,8 @@ def _html(summary, comparison, tables, efficiency, per_domain, domain_stats, dom
         "Metrics are means over seeds (std where several). "
         f"Deployed: <b>{html.escape(dep['variant'])}</b> ({html.escape(dep['selected_by'])}).</p>",
         "<h2>Variants</h2>", _table(overview),
-        "<h2>Not applicable on this data set</h2>" + (_table(skipped) if len(skipped) else "<p>None: every variant ran.</p>"),
+        "<h2>Not run here (not applicable on this data set, or in the full set only)</h2>"
+        + (_table(skipped) if len(skipped) else "<p>None: every variant ran.</p>"),
         "<h2>Models on the same split (AUC, LogLoss)</h2>",
         ("<p>Test AUC and LogLoss: mean over seeds and its 95% t interval; the paper's own figures beside them "
          "(on the paper's data set, named in the title).</p>"),
