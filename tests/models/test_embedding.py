@@ -123,3 +123,21 @@ def test_carry_over_refuses_models_that_differ_beyond_vocabularies() -> None:
         carry_over_embeddings(old, wider, {"user": list(range(6))})
     with pytest.raises(ValueError, match="the row map has"):
         carry_over_embeddings(old, build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "seed": 1}, spec), {"user": [0, 1]})
+
+
+def test_a_partial_warm_start_takes_the_tensors_another_model_shares() -> None:
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.models.embedding import carry_over_embeddings
+
+    spec = FeatureSpec((FieldSpec("user", "categorical", 6), FieldSpec("g", "sequence", 4, max_len=2)))
+    champion = build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "seed": 1}, spec)
+    challenger = build_model({"family": "wdl", "embedding_dim": 3, "hidden_units": [4], "seed": 2, "apg": {"version": "v4", "rank": 2}}, spec)
+    fresh = {k: v.clone() for k, v in challenger.state_dict().items()}
+    taken = carry_over_embeddings(champion, challenger, strict=False)
+    assert "embedding.table.weight" in taken and len(taken) < len(fresh)
+    old, new = champion.state_dict(), challenger.state_dict()
+    for key, value in new.items():
+        expected = old[key] if key in taken else fresh[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="only vocabularies may differ"):
+        carry_over_embeddings(champion, build_model({**challenger.config, "seed": 3}, spec))

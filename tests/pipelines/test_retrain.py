@@ -98,11 +98,13 @@ def test_three_cycles_keep_a_champion_history(retrained: Path) -> None:
     assert [h["decision"] for h in third["history"]] == ["bootstrap", "promoted", "kept"]
     # the worse challenger: an untrained cold start, scored and tested, not promoted
     last = records[2]
-    assert set(last["metrics"]) == {"cold", "champion"} and last["training"]["cold"]["epochs_run"] == 0
-    assert last["metrics"]["cold"]["auc"] < last["metrics"]["champion"]["auc"]
-    assert last["tests"]["cold"]["p_value"] < 0.05 and last["tests"]["cold"]["delta"] < 0
+    assert set(last["metrics"]) == {"cold:apg.wdl", "champion"} and last["training"]["cold:apg.wdl"]["epochs_run"] == 0
+    assert last["metrics"]["cold:apg.wdl"]["auc"] < last["metrics"]["champion"]["auc"]
+    assert last["tests"]["cold:apg.wdl"]["p_value"] < 0.05 and last["tests"]["cold:apg.wdl"]["delta"] < 0
     # the promoted one won on the holdout, tested against the champion it replaced
-    assert records[1]["promoted"] == "warm" and set(records[1]["metrics"]) == {"warm", "champion"}
+    assert records[1]["promoted"] == "warm:apg.wdl" and set(records[1]["metrics"]) == {"warm:apg.wdl", "champion"}
+    taken, total = records[1]["training"]["warm:apg.wdl"]["tensors_from_champion"].split(" of ")
+    assert taken == total  # its own variant: every tensor from the champion
     assert second["start"] == "warm" and second["trained_in_cycle"] == records[1]["cycle"]["holdout"]
     # what the record must hold: thresholds, partitions and their hashes, code version
     for r in records:
@@ -156,7 +158,7 @@ def test_a_cycle_killed_while_training_resumes_from_its_last_epoch(tmp_path: Pat
         shutil.copytree(repository / DATA, root / DATA)
         _run(root, "partition_log")
         holdout = max(p.stem for p in (root / PARTITIONS).iterdir())
-        state = root / "data/06_models/movielens_latest/retrain/checkpoints" / holdout / "cold" / "resume.json"
+        state = root / "data/06_models/movielens_latest/retrain/checkpoints" / holdout / "cold-apg.wdl" / "resume.json"
         args = ["--params", "retrain.cold_start.train.max_epochs=3,retrain.cold_start.train.patience=3,training.train.progress=False"]
         child = subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipeline", "retrain", *args], cwd=root,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,7 +172,7 @@ def test_a_cycle_killed_while_training_resumes_from_its_last_epoch(tmp_path: Pat
             child.wait()
         assert not (root / CHAMPION).exists() or not _versions(root, CHAMPION)  # killed before any champion
         _run(root, "retrain", {"retrain.cold_start.train.max_epochs": 3, "retrain.cold_start.train.patience": 3})
-        cold = _record(root)["training"]["cold"]
+        cold = _record(root)["training"]["cold:apg.wdl"]
         assert cold["resumed_from_epoch"] >= 1 and [h["epoch"] for h in cold["history"]] == [1, 2, 3]
         assert not state.parent.exists()  # the resume state is removed once the challengers are trained
     finally:

@@ -176,48 +176,81 @@ class FieldEmbedding(nn.Module):
         return both[:, :-1], both[:, -1], sq_norms
 
 
-def carry_over_embeddings(old: nn.Module, new: nn.Module, row_maps: dict[str, Tensor | list[int]]) -> None:
-    """Copy ``old``'s weights into ``new``, a model of the same config built on a
-    refitted vocabulary, in place.
+def carry_over_embeddings(
+    old: nn.Module, new: nn.Module, row_maps: dict[str, Tensor | list[int]] | None = None, *, strict: bool = True
+) -> list[str]:
+    """Copy ``old``'s weights into ``new`` in place: a warm start.
 
     Every :class:`FieldEmbedding` of ``new`` takes, for each field, row ``i`` of the
     field from ``old``'s row ``row_maps[field][i]`` (``-1``: a value ``old`` never saw,
-    left as ``new`` initialised it); every other parameter and buffer must have the same
-    shape in both and is copied as is.
+    left as ``new`` initialised it; ``row_maps=None``: the vocabularies are the same and
+    rows are copied as they are); every other parameter and buffer is copied as is.
+
+    Args:
+        old: the model to start from.
+        new: the model to fill, built on the same fields (vocabularies may differ).
+        row_maps: per field, the old index of each new index.
+        strict: ``new`` must be ``old``'s config on a refitted vocabulary: any tensor it
+            cannot take from ``old`` is an error. ``False`` (another model of the same
+            fields, e.g. WDL + APG started from a WDL champion): tensors without a
+            counterpart of the same name and shape (and embedding tables of another
+            width) keep their initial values.
+
+    Returns:
+        The keys of ``new.state_dict()`` that were copied.
 
     Raises:
-        ValueError: the two models differ in anything but their fields' vocabularies
-            (names the parameter), or a field has no row map.
+        ValueError: (strict) the two models differ in anything but their fields'
+            vocabularies (names the parameter); a field has no row map or a row map
+            of the wrong length.
     """
     old_modules = dict(old.named_modules())
-    remapped: set[str] = set()
+    old_state = old.state_dict()
+    copied: list[str] = []
+    handled: set[str] = set()
     with torch.no_grad():
         for path, module in new.named_modules():
             if not isinstance(module, FieldEmbedding):
                 continue
+            key = f"{path}.table.weight" if path else "table.weight"
+            handled.add(key)
             before = old_modules.get(path)
-            if not isinstance(before, FieldEmbedding) or before.field_names != module.field_names:
-                raise ValueError(f"{path or '<root>'}: the old model has no field embedding with fields {module.field_names}")
-            new_start, old_start = _field_starts(module), _field_starts(before)
-            for name in module.field_names:
-                if name not in row_maps:
-                    raise ValueError(f"no row map for field {name!r}")
-                rows = torch.as_tensor(row_maps[name], dtype=torch.long)
-                size = new_start[name][1] - new_start[name][0]
-                if rows.shape != (size,):
-                    raise ValueError(f"field {name!r}: the row map has {tuple(rows.shape)} entries, the new vocabulary {size}")
-                known = rows >= 0
-                target = torch.arange(new_start[name][0], new_start[name][1])[known]
-                module.table.weight[target] = before.table.weight[rows[known] + old_start[name][0]]
-            remapped.add(f"{path}.table.weight" if path else "table.weight")
-        old_state = old.state_dict()
+            if not isinstance(before, FieldEmbedding) or before.field_names != module.field_names or before.table.embedding_dim != module.table.embedding_dim:
+                if strict:
+                    raise ValueError(f"{path or '<root>'}: the old model has no field embedding of width {module.table.embedding_dim} with fields {module.field_names}")
+                continue
+            if row_maps is None:
+                if before.table.weight.shape != module.table.weight.shape:
+                    raise ValueError(f"{key}: vocabularies differ ({tuple(before.table.weight.shape)} vs {tuple(module.table.weight.shape)}); give row_maps")
+                module.table.weight.copy_(before.table.weight)
+            else:
+                _remap_rows(before, module, row_maps)
+            copied.append(key)
         for key, value in new.state_dict().items():
-            if key in remapped:
+            if key in handled:
                 continue
             if key not in old_state or old_state[key].shape != value.shape:
-                got = tuple(old_state[key].shape) if key in old_state else "missing"
-                raise ValueError(f"{key}: {tuple(value.shape)} in the new model, {got} in the old one; only vocabularies may differ")
+                if strict:
+                    got = tuple(old_state[key].shape) if key in old_state else "missing"
+                    raise ValueError(f"{key}: {tuple(value.shape)} in the new model, {got} in the old one; only vocabularies may differ")
+                continue
             value.copy_(old_state[key])
+            copied.append(key)
+    return copied
+
+
+def _remap_rows(old: FieldEmbedding, new: FieldEmbedding, row_maps: dict[str, Tensor | list[int]]) -> None:
+    new_start, old_start = _field_starts(new), _field_starts(old)
+    for name in new.field_names:
+        if name not in row_maps:
+            raise ValueError(f"no row map for field {name!r}")
+        rows = torch.as_tensor(row_maps[name], dtype=torch.long)
+        size = new_start[name][1] - new_start[name][0]
+        if rows.shape != (size,):
+            raise ValueError(f"field {name!r}: the row map has {tuple(rows.shape)} entries, the new vocabulary {size}")
+        known = rows >= 0
+        target = torch.arange(new_start[name][0], new_start[name][1])[known]
+        new.table.weight[target] = old.table.weight[rows[known] + old_start[name][0]]
 
 
 def _field_starts(module: FieldEmbedding) -> dict[str, tuple[int, int]]:

@@ -25,7 +25,6 @@ current again.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -63,13 +62,13 @@ from dynamic_ctr.significance import delong_test
 from dynamic_ctr.spec import FeatureSpec
 from dynamic_ctr.training.device import resolve_device, seed_everything
 from dynamic_ctr.training.loop import TrainConfig, train
-from dynamic_ctr.training.metrics import evaluate
+from dynamic_ctr.training.metrics import auc, evaluate
 from dynamic_ctr.training.resume import remove_state
 
 logger = logging.getLogger(__name__)
 
 PARAM_KEYS = {
-    "partition_role", "partitioning", "as_of", "window", "bootstrap_window", "variant", "vocabulary",
+    "partition_role", "partitioning", "as_of", "window", "bootstrap_window", "variants", "vocabulary",
     "warm_start", "cold_start", "promotion", "seed", "checkpoint_dir",
 }
 PARTITION_COLUMN = "partition"
@@ -90,6 +89,9 @@ def check_params(retrain: dict[str, Any]) -> None:
             raise RetrainError(f"retrain.promotion.{key} is missing")
     if not (retrain.get("warm_start") or {}).get("enabled", True) and not (retrain.get("cold_start") or {}).get("enabled", False):
         raise RetrainError("retrain.warm_start.enabled and retrain.cold_start.enabled are both false: a cycle would have no challenger")
+    variants = retrain.get("variants")
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) and set(v) == {"suite", "name"} for v in variants):
+        raise RetrainError(f"retrain.variants={variants!r} must be a non-empty list of {{suite, name}}")
     if not 0 < retrain["promotion"]["alpha"] <= 1:
         raise RetrainError(f"retrain.promotion.alpha={retrain['promotion']['alpha']!r} must be in (0, 1]")
 
@@ -195,7 +197,7 @@ def _variant_model(suites: dict[str, Any], variant: dict[str, Any], spec: Featur
     suite, name = variant.get("suite"), variant.get("name")
     params = suites.get(suite)
     if params is None or name not in (params.get("variants") or {}):
-        raise RetrainError(f"retrain.variant={variant!r} names no variant of the suites {sorted(suites)}")
+        raise RetrainError(f"retrain.variants: {variant!r} names no variant of the suites {sorted(suites)}")
     entry = deep_merge(params.get("defaults") or {}, params["variants"][name] or {})
     return resolve_roles(entry["model"], spec)
 
@@ -260,11 +262,20 @@ def _schedule(training: dict[str, Any], retrain: dict[str, Any], key: str) -> tu
 
 
 def _fit(model: nn.Module, config: dict[str, Any], epochs: int, train_data: Any, valid_data: Any, checkpoint_dir: Path | None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model (CPU, eval) and its training record."""
+    """The trained model (CPU, eval) and its training record, with its validation AUC
+    (what picks the cycle's candidate)."""
     if epochs == 0:
-        return model.to("cpu").eval(), {"epochs_run": 0, "history": [], "resumed_from_epoch": 0}
+        model = model.to(train_data.device)
+        val_auc = auc(valid_data.y, evaluate(model, valid_data))
+        return model.to("cpu").eval(), {"epochs_run": 0, "history": [], "resumed_from_epoch": 0, "val_auc": val_auc}
     result = train(model, train_data, valid_data, TrainConfig.from_dict(config), checkpoint_dir=checkpoint_dir)
-    return result.model.to("cpu").eval(), {"epochs_run": len(result.history), "history": result.history, "resumed_from_epoch": result.resumed_from_epoch}
+    return result.model.to("cpu").eval(), {
+        "epochs_run": len(result.history), "history": result.history, "resumed_from_epoch": result.resumed_from_epoch, "val_auc": result.best_val_auc,
+    }
+
+
+def _variant_name(variant: dict[str, Any]) -> str:
+    return f"{variant['suite']}.{variant['name']}"
 
 
 def train_challengers(
@@ -276,49 +287,58 @@ def train_challengers(
     parameters: dict[str, Any],
     retrain: dict[str, Any],
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """Train the cycle's challengers on the window.
+    """Train the cycle's challengers on the window, for each of ``retrain.variants``:
 
-    - ``warm`` (unless ``retrain.warm_start.enabled`` is false): the champion's model
-      (its config and weights; with refitted vocabularies, the embedding rows of values
-      both vocabularies hold are carried over and new values start fresh) trained on
-      ``retrain.warm_start.train``;
-    - ``cold``: ``retrain.variant`` built fresh from the training seed, trained on
-      ``retrain.cold_start.train``; always in the first cycle, otherwise when
-      ``retrain.cold_start.enabled``.
+    - ``warm:<suite>.<variant>`` (unless ``retrain.warm_start.enabled`` is false; the
+      champion's own variant always among them), started from the champion and trained
+      on ``retrain.warm_start.train``. The champion's own variant starts from all its
+      weights (its config as trained); any
+      other variant from those of the champion's tensors that have the same name and
+      shape (the field embeddings, typically), the rest as initialised. With refitted
+      vocabularies, the embedding rows of values both vocabularies hold are carried
+      over and new values start fresh.
+    - ``cold:<suite>.<variant>``, built fresh from the training seed and trained on
+      ``retrain.cold_start.train``: always in the first cycle (there is no champion to
+      start from), otherwise when ``retrain.cold_start.enabled``.
 
     Returns:
-        ``{name: model}`` (CPU, eval mode) and a record of each one's training.
+        ``{name: model}`` (CPU, eval mode) and a record of each one's training (its
+        epochs, history, best validation AUC, the tensors taken from the champion).
     """
     spec = FeatureSpec.from_dict(encoders["feature_spec"])
+    suites = {name: parameters[name] for name in SUITES if name in parameters}
+    # resolved and built before any training: a bad variant stops the cycle here
+    configs = {_variant_name(v): _variant_model(suites, v, spec) for v in retrain["variants"]}
+    for config in configs.values():
+        build_model(config, spec)
     device = resolve_device(training.get("device", "auto"))
     # Each challenger's resume state: a cycle killed mid-training continues from the last
-    # completed epoch when it is run again (training.resume); removed once both are done.
+    # completed epoch when it is run again (training.resume); removed once all are done.
     root = Path(retrain["checkpoint_dir"]) / cycle["holdout"] if retrain.get("checkpoint_dir") else None
     train_data = frame_to_tensors(inputs["train"], spec, device)
     valid_data = frame_to_tensors(inputs["valid"], spec, device)
+    starts: dict[str, tuple[nn.Module, str, dict[str, Any]]] = {}  # name -> (model, schedule, record)
+    if champion is not None and (retrain.get("warm_start") or {}).get("enabled", True):
+        own = _variant_name(champion["meta"]["variant"])
+        refitted = encoders["feature_encoder"] is not champion["feature_encoder"]
+        row_maps = _row_maps(champion["feature_encoder"], encoders["feature_encoder"], spec) if refitted else None
+        for name, config in {own: champion["model"].config, **configs}.items():  # the champion's own variant always
+            same = name == own
+            model = build_model(champion["model"].config if same else config, spec)
+            taken = carry_over_embeddings(champion["model"], model, row_maps, strict=same)
+            starts[f"warm:{name}"] = (model, "warm_start", {"start": "champion", "champion_model_id": champion["meta"].get("model_id"),
+                                                             "tensors_from_champion": f"{len(taken)} of {len(model.state_dict())}"})
+    if champion is None or (retrain.get("cold_start") or {}).get("enabled", False):
+        seed = int(retrain.get("seed", 2024))
+        for name, config in configs.items():
+            starts[f"cold:{name}"] = (build_model({**config, "seed": seed}, spec), "cold_start", {"start": "scratch"})
     challengers: dict[str, nn.Module] = {}
     record: dict[str, Any] = {}
-    cold = champion is None or (retrain.get("cold_start") or {}).get("enabled", False)
-    if cold:  # resolved before any training: a bad variant stops the cycle here
-        suites = {name: parameters[name] for name in SUITES if name in parameters}
-        cold_config = _variant_model(suites, retrain["variant"], spec)
-        build_model(cold_config, spec)
-    if champion is not None and (retrain.get("warm_start") or {}).get("enabled", True):
-        config, epochs = _schedule(training, retrain, "warm_start")
+    for name, (model, schedule, info) in starts.items():
+        config, epochs = _schedule(training, retrain, schedule)
         seed_everything(config["seed"])
-        start = champion["model"]
-        model = copy.deepcopy(start)
-        if encoders["feature_encoder"] is not champion["feature_encoder"]:
-            model = build_model(start.config, spec)
-            carry_over_embeddings(start, model, _row_maps(champion["feature_encoder"], encoders["feature_encoder"], spec))
-        challengers["warm"], fitted = _fit(model, config, epochs, train_data, valid_data, root and root / "warm")
-        record["warm"] = {"start": "champion", "champion_model_id": champion["meta"].get("model_id"), **fitted}
-    if cold:
-        config, epochs = _schedule(training, retrain, "cold_start")
-        seed_everything(config["seed"])
-        model_config = {**cold_config, "seed": config["seed"]}
-        challengers["cold"], fitted = _fit(build_model(model_config, spec), config, epochs, train_data, valid_data, root and root / "cold")
-        record["cold"] = {"start": "scratch", "variant": retrain["variant"], **fitted}
+        challengers[name], fitted = _fit(model, config, epochs, train_data, valid_data, root and root / name.replace(":", "-"))
+        record[name] = {**info, **fitted}
     remove_state(root)
     return challengers, record
 
@@ -381,10 +401,12 @@ def decide(
 ) -> dict[str, Any]:
     """Score champion and challengers on the holdout and decide the promotion.
 
-    The best challenger by holdout AUC is promoted when ``AUC(challenger) -
-    AUC(champion) > promotion.margin`` and the paired DeLong test of the two on the
-    holdout gives ``p < promotion.alpha``. With no champion (the first cycle), the cold
-    challenger is promoted (``decision: bootstrap``).
+    The candidate is the challenger with the best validation AUC (chosen before the
+    holdout is looked at, so the holdout test is not a maximum over challengers). It
+    is promoted when ``AUC(candidate) - AUC(champion) > promotion.margin`` on the
+    holdout and the paired DeLong test of the two there gives ``p < promotion.alpha``.
+    With no champion (the first cycle) the candidate becomes the champion
+    (``decision: bootstrap``). Every challenger's holdout metrics and test are recorded.
 
     Returns:
         The promotion record: decision and reason, every model's metrics, the tests,
@@ -407,21 +429,23 @@ def decide(
         "metrics": metrics,
         "tests": {},
     }
+    candidate = max(challengers, key=lambda n: training_record[n]["val_auc"])
+    record["candidate"] = candidate
     if champion is None:
-        return {**record, "decision": "bootstrap", "promoted": "cold", "reason": "no champion yet: the first model trained becomes the champion"}
+        return {**record, "decision": "bootstrap", "promoted": candidate,
+                "reason": f"no champion yet: the challenger with the best validation AUC, {candidate!r}, becomes the champion"}
     champion_spec = FeatureSpec.from_dict(champion["feature_spec"])
     champion_scores, metrics["champion"] = _holdout_scores(champion["model"], inputs["holdout_champion"], champion_spec)
     for name in challengers:
         test = delong_test(y, scores[name], champion_scores)
         record["tests"][name] = {"auc_challenger": test.auc_a, "auc_champion": test.auc_b, "delta": test.delta, "se": test.se, "z": test.z, "p_value": test.p_value}
-    best = max(challengers, key=lambda n: metrics[n]["auc"])
-    test = record["tests"][best]
+    test = record["tests"][candidate]
     won = test["delta"] > promotion["margin"] and test["p_value"] < promotion["alpha"]
     reason = (
-        f"challenger {best!r}: AUC {test['auc_challenger']:.4f} vs champion {test['auc_champion']:.4f} "
+        f"candidate {candidate!r} (best validation AUC): holdout AUC {test['auc_challenger']:.4f} vs champion {test['auc_champion']:.4f} "
         f"(delta {test['delta']:+.4f}, DeLong p={test['p_value']:.3g}); promotion needs delta > {promotion['margin']} and p < {promotion['alpha']}"
     )
-    return {**record, "decision": "promoted" if won else "kept", "promoted": best if won else None, "reason": reason}
+    return {**record, "decision": "promoted" if won else "kept", "promoted": candidate if won else None, "reason": reason}
 
 
 def _model_id(model: nn.Module) -> str:
@@ -430,6 +454,12 @@ def _model_id(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _variant_of(challenger: str, retrain: dict[str, Any]) -> dict[str, Any]:
+    """``{suite, name}`` of a challenger named ``warm:<suite>.<name>`` or ``cold:...``."""
+    suite, name = challenger.split(":", 1)[1].split(".", 1)
+    return {"suite": suite, "name": name}
 
 
 def _history_entry(record: dict[str, Any], model_id: str) -> dict[str, Any]:
@@ -460,8 +490,8 @@ def crown(champion: Release | None, challengers: dict[str, nn.Module], encoders:
             **{k: encoders[k] for k in ("feature_encoder", "domain_encoder", "feature_spec", "item_lists")},  # type: ignore[typeddict-item]
             "meta": {
                 "model_id": _model_id(model),
-                "variant": retrain["variant"] if record["promoted"] == "cold" else (champion or {"meta": {}})["meta"].get("variant"),
-                "start": record["promoted"],
+                "variant": _variant_of(record["promoted"], retrain),
+                "start": record["promoted"].split(":", 1)[0],
                 "trained_in_cycle": record["cycle"]["holdout"],
                 "trained_on": [*record["cycle"]["train"], record["cycle"]["valid"]],
             },
