@@ -206,6 +206,27 @@ def test_a_bad_partition_stops_the_cycle_and_leaves_the_champion(retrained: Path
     assert _versions(retrained, CHAMPION) == before
 
 
+def test_two_cycles_started_at_once_one_runs_the_other_stops_at_the_lock(retrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(retrained)
+    before = _versions(retrained, CHAMPION)
+    lock = retrained / CHAMPION / ".lock"
+    lock.write_text("")
+    child = subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipeline", "retrain", "--params", "training.train.progress=False"],
+                             cwd=retrained, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while f"pid {child.pid}" not in lock.read_text() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"pid {child.pid}" in lock.read_text(), "the first cycle never took the lock"
+        with pytest.raises(ChampionLockError, match=rf"held by another run \(pid {child.pid}"):
+            _run(retrained, "retrain")
+    finally:
+        _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-2000:]
+    after = _versions(retrained, CHAMPION)
+    assert after[: len(before)] == before and len(after) == len(before) + 1  # the first cycle's version only
+
+
 def test_a_second_run_at_once_fails_at_the_lock(retrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(retrained)
     before = _versions(retrained, CHAMPION)
