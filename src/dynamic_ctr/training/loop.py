@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from dynamic_ctr.training.batching import TensorData, batches, num_batches
 from dynamic_ctr.training.device import flush_denormals, make_generator
 from dynamic_ctr.training.metrics import auc, evaluate, log_loss
 from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL
+
+if TYPE_CHECKING:
+    from dynamic_ctr.training.distributed import World
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "make_optimizer", "train"]
 
@@ -256,16 +259,26 @@ def _autocast(
 
 
 def _check_finite(
-    losses: list[Tensor], epoch: int, first_step: int, last_finite: float | None
+    losses: list[Tensor],
+    epoch: int,
+    first_step: int,
+    last_finite: float | None,
+    world: World | None = None,
 ) -> tuple[float | None, float]:
     """Pull buffered per-step losses to the host (one sync); raise at the first bad one.
+
+    With a ``world``, the losses are first averaged over the ranks (one all-reduce), so
+    every rank checks the global-batch losses and raises at the same step.
 
     Returns:
         ``(last finite loss so far, mean loss of the window)``.
     """
     if not losses:
         return last_finite, float("nan")
-    values = torch.stack(losses).float().cpu().tolist()
+    stacked = torch.stack(losses).float()
+    if world is not None:
+        stacked = world.mean(stacked)
+    values = stacked.cpu().tolist()
     for i, value in enumerate(values):
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -284,6 +297,7 @@ def train(
     *,
     on_epoch_end: Callable[[int, float], None] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Fit ``model`` on ``train``, early-stopping on the validation AUC of ``valid``.
 
@@ -314,6 +328,13 @@ def train(
             an uninterrupted run on the CPU; if that state says training had
             stopped, the result is returned without training more. The directory
             is left in place (delete it when the result is safe).
+        world: this process's place in a data-parallel run
+            (:func:`dynamic_ctr.training.distributed.init_from_env`, launched by
+            ``torchrun``); ``None`` or a world of size 1 trains in this process alone.
+            With several ranks, ``train``/``valid`` are the whole splits on every rank,
+            ``cfg.batch_size`` is the global batch, the model is wrapped in DDP, and
+            every rank returns the same result (see :mod:`dynamic_ctr.training.distributed`
+            for the sharding, the last batch, validation and what is refused).
 
     Returns:
         :class:`TrainResult`; ``result.model`` is ``model`` with the best weights.
@@ -332,6 +353,11 @@ def train(
         raise ValueError(
             f"train ({len(train)} rows) and valid ({len(valid)} rows) must be non-empty"
         )
+    ddp = world if world is not None and world.size > 1 else None
+    if ddp is not None:
+        ddp.check_supported(model, cfg.batch_size, checkpoint_dir)
+        if len(train) < ddp.size:
+            raise ValueError(f"train has {len(train)} rows, fewer than the {ddp.size} ranks")
     model.to(device)
     autocast_ctx, amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
@@ -345,10 +371,15 @@ def train(
     # (``model.adapt(train)``, MAML's per-domain adaptation); both optional.
     meta_loss = getattr(model, "meta_loss", None)
     adapt = getattr(model, "adapt", None)
-    torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use in forward
-    shuffle_gen = make_generator(cfg.seed, device)
+    # dropout and any other global-RNG use in forward (each rank its own masks)
+    torch.manual_seed(cfg.seed if ddp is None else cfg.seed + ddp.rank)
+    shuffle_gen = make_generator(cfg.seed, device)  # one permutation for every rank
     eval_bs = cfg.eval_batch_size or 4 * cfg.batch_size
     steps_per_epoch = num_batches(len(train), cfg.batch_size)
+    forward = model  # what the training step calls: with several ranks, DDP around model
+    if ddp is not None:
+        steps_per_epoch = ddp.num_batches(len(train), cfg.batch_size)
+        forward = ddp.wrap(model)
 
     best_auc, best_epoch, best_state = -math.inf, 0, None
     history: list[dict[str, float]] = []
@@ -393,22 +424,29 @@ def train(
         with tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.max_epochs}",
-            disable=None if cfg.progress else True,
+            disable=None if cfg.progress and (ddp is None or ddp.is_main) else True,
             leave=True,
             dynamic_ncols=True,
         ) as bar:
-            batch_iter = batches(train, cfg.batch_size, shuffle=True, generator=shuffle_gen)
-            for step, (xb, yb) in enumerate(batch_iter, 1):
+            # (x, y, rows): rows = the global-batch rows this step's mean loss stands for
+            if ddp is None:
+                shuffled = batches(train, cfg.batch_size, shuffle=True, generator=shuffle_gen)
+                batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in shuffled)
+            else:  # this rank's slice of each global batch, rows = R / W
+                batch_iter = ddp.batches(train, cfg.batch_size, shuffle_gen)
+            for step, (xb, yb, rows) in enumerate(batch_iter, 1):
                 with autocast_ctx:
                     if meta_loss is not None:  # a model that trains on its own objective (MAML)
                         loss = meta_loss(xb, yb).float()
                     else:
-                        logits = model(xb)  # (B,)
+                        logits = forward(xb)  # (B,)
                         loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
                 if penalty_of is not None:  # a model-supplied loss term (e.g. DynInt's eqs. 11-12)
                     extra = penalty_of()
                     if extra is not None:
                         loss = loss + extra.float()
+                if yb.shape[0] != rows:  # a rank's uneven share of the last global batch:
+                    loss = loss * (yb.shape[0] / rows)  # DDP's average = the mean over its rows
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
@@ -418,22 +456,25 @@ def train(
                 scaler.update()
 
                 loss = loss.detach()
-                loss_sum += loss * yb.shape[0]
+                loss_sum += loss * rows
                 window.append(loss)
                 if step % cfg.log_every == 0:
                     last_finite, window_mean = _check_finite(
-                        window, epoch, window_start, last_finite
+                        window, epoch, window_start, last_finite, ddp
                     )
                     window, window_start = [], step + 1
                     bar.set_postfix(loss=f"{window_mean:.4f}")
                 bar.update()
-            last_finite, _ = _check_finite(window, epoch, window_start, last_finite)
-            train_loss = loss_sum.item() / len(train)
+            last_finite, _ = _check_finite(window, epoch, window_start, last_finite, ddp)
+            train_loss = (loss_sum if ddp is None else ddp.sum(loss_sum)).item() / len(train)
             train_seconds = time.perf_counter() - t0
 
             if callable(adapt):  # validate (and keep as best) the adapted model
                 adapt(train)
-            probs = evaluate(model, valid, eval_bs, autocast_dtype=amp_dtype)
+            if ddp is None:
+                probs = evaluate(model, valid, eval_bs, autocast_dtype=amp_dtype)
+            else:  # rank 0's buffers everywhere, each rank scores a shard, all get every row
+                probs = ddp.evaluate(model, valid, eval_bs, autocast_dtype=amp_dtype)
             if not np.isfinite(probs).all():
                 raise NonFiniteLossError(
                     f"validation predictions are not finite after epoch {epoch}"

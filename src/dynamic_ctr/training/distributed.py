@@ -1,0 +1,492 @@
+"""Data-parallel training: ``torch.distributed`` + ``DistributedDataParallel``, launched
+by ``torchrun``; NCCL with one GPU per process, gloo on CPUs.
+
+Launch (one machine, two processes; ``--standalone`` picks a free rendezvous port)::
+
+    torchrun --standalone --nproc_per_node=2 -m dynamic_ctr.training.distributed \\
+        --config wdl.json --data data/05_model_input/movielens_latest \\
+        --out data/06_models/movielens_latest/wdl_ddp [--device auto] [--version V]
+
+``--config`` is a JSON file ``{"model": {...}, "train": {...}}`` (a model config for
+:func:`~dynamic_ctr.models.build_model` and :class:`~dynamic_ctr.training.loop.TrainConfig`
+fields, as in the suite's parameters); ``train.batch_size`` is the **global** batch.
+``--data`` is an encoded split as the pipeline writes it, ``<dir>/{train,valid}.parquet``
+and ``<dir>/feature_spec.json``, each a file or a Kedro version folder
+(``train.parquet/<version>/train.parquet``); the newest version that all three have is
+read unless ``--version`` names one. Rank 0 writes ``<out>/model/`` (a checkpoint,
+:func:`~dynamic_ctr.training.checkpoint.save_checkpoint`) and ``<out>/metrics.json``; the
+other ranks write nothing. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) the same
+command trains in one process.
+
+In code::
+
+    with distributed("auto") as world:          # a no-op World(size=1) without torchrun
+        tr, va = ...                            # the whole splits, on world.device
+        result = train(model, tr, va, cfg, world=world)
+        if world.is_main:
+            save_checkpoint(result.model, out)
+
+**Global batch -> ranks.** Every rank holds the whole training split (CTR rows are a few
+int64 slots: a split fits on each device, see :mod:`~dynamic_ctr.training.batching`) and
+draws the *same* seeded permutation each epoch as a single process would
+(``batches(shuffle=True)`` with the generator of ``cfg.seed``). Each global batch of
+``cfg.batch_size`` rows is cut into ``W`` contiguous slices (:func:`shard`), rank ``r``
+taking slice ``r``: the ranks together see exactly the rows one process sees in that
+step. A rank's shard of the split is therefore its slice of every global batch, not a
+fixed set of rows: a fixed row partition shuffled per rank would change which rows meet
+in a batch, so the run could not equal a single-process one. ``cfg.batch_size`` must be
+divisible by ``W``.
+
+**Gradients.** The model is wrapped in DDP (CPU: no ``device_ids``), which averages the
+gradients over the ranks during backward. With equal micro-batches of ``B/W`` rows, the
+average of the ranks' mean losses is the mean over the global batch, so every step is
+the single-process step up to floating point summation order. The last, smaller global
+batch of ``R`` rows is split into slices that differ by at most one row (``b_r``); each
+rank scales its loss by ``W * b_r / R``, so the average is again the mean over the ``R``
+rows. If ``R < W`` (a rank would get no row) those ``R`` rows are skipped by every rank,
+that epoch only (the next permutation puts them elsewhere). A model-supplied
+``penalty()`` is part of each rank's loss (scaled alike) and so averaged by DDP: exact for
+penalties of the parameters alone (DynInt ``dgp``: the scales average to 1) and for
+batch means (DynInt ``dwp``); AdaSparse's sparsity regulariser, non-linear in the batch's
+retention ratio, becomes the mean of its per-micro-batch values.
+
+**Validation and early stopping.** Rank 0's buffers are broadcast first (see *Not
+exact*), then each rank scores its contiguous shard of the validation split; the
+probabilities are all-gathered in row order, so every rank computes the same AUC
+and log loss from the same array and takes the same early-stopping decision. The logged training losses are all-reduced too (every rank raises
+``NonFiniteLossError`` at the same step, and ``history`` holds the global-batch means).
+Every rank returns the same :class:`~dynamic_ctr.training.loop.TrainResult` (identical
+weights, history, best epoch); only rank 0 writes files.
+
+**Not exact.** Dropout draws from ``cfg.seed + rank`` (independent masks per rank, not
+the single-process masks). BatchNorm normalises each rank's micro-batch, and buffers
+(its running statistics) are broadcast from rank 0 before every training forward (DDP's
+``broadcast_buffers``) and before each validation, so they follow rank 0's
+micro-batches; a warning is logged for models with BatchNorm. The replicas stay
+identical either way.
+
+**Refused** (a ``ValueError`` naming the model, before any communication): models with
+``meta_loss``/``adapt`` hooks (MAML: the loss bypasses the DDP forward and its inner step
+needs the per-domain support rows of the whole batch); parameters with sparse gradients
+(STAR's per-domain weights, role ``domain``, read with ``F.embedding(sparse=True)`` and
+updated by SparseAdam; also ``nn.Embedding(sparse=True)``: DDP fails on the former and
+NCCL has no sparse all-reduce); ``checkpoint_dir`` (per-epoch resume state); a global
+batch not divisible by ``W``.
+
+Needs torch only; the entry point (:func:`main`) imports pandas to read Parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dynamic_ctr.training.batching import TensorData, batches
+from dynamic_ctr.training.device import resolve_device
+from dynamic_ctr.training.metrics import evaluate
+
+__all__ = [
+    "World",
+    "destroy",
+    "distributed",
+    "init_from_env",
+    "is_main",
+    "load_split",
+    "main",
+    "shard",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank``: ``W`` contiguous slices whose sizes
+    differ by at most one, the larger ones first (``torch.tensor_split``'s rule)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{rank=} must be in [0, {world_size=})")
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def shard(data: TensorData, rank: int, world_size: int) -> TensorData:
+    """Rank ``rank``'s contiguous slice of ``data``'s rows (views, no copy; groups too).
+
+    The ``W`` slices cover every row once, in order, and differ in size by at most one
+    row (the first ``N mod W`` ranks hold one more). Applied to every global batch by
+    :meth:`World.batches` and to the validation split by :meth:`World.evaluate`.
+    """
+    start, stop = _bounds(len(data), rank, world_size)
+    return TensorData(
+        x=data.x[start:stop],
+        y=data.y[start:stop],
+        groups={k: v[start:stop] for k, v in data.groups.items()},
+    )
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (``size == 1``: a single process,
+    no process group; :func:`~dynamic_ctr.training.loop.train` then takes its usual path).
+
+    Args:
+        rank: global rank, 0 .. size-1.
+        size: number of processes (``WORLD_SIZE``).
+        local_rank: rank on this machine (``LOCAL_RANK``): the CUDA device index.
+        device: where this rank trains (``cuda:<local_rank>`` with NCCL).
+        backend: ``"nccl"``, ``"gloo"`` or ``None`` (no process group).
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs progress and writes files."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ training
+
+    def check_supported(self, model: nn.Module, batch_size: int, checkpoint_dir: Any) -> None:
+        """Refuse what data-parallel training does not do (module docstring), naming the
+        model; called by ``train`` before any communication."""
+        from dynamic_ctr.training.loop import LAZY_ROLE, parameter_roles
+
+        name = type(model).__name__
+        hooks = [h for h in ("meta_loss", "adapt") if callable(getattr(model, h, None))]
+        if hooks:
+            raise ValueError(
+                f"model {name} defines {' and '.join(hooks)} (its own training objective / "
+                "adaptation, e.g. first-order MAML): distributed training supports neither, "
+                "since the loss bypasses the DDP forward and the inner step needs the whole "
+                "batch; train it in one process"
+            )
+        roles = parameter_roles(model)
+        sparse = [n for n, p in model.named_parameters() if roles.get(id(p)) == LAZY_ROLE]
+        sparse += [
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
+        if sparse:
+            raise ValueError(
+                f"model {name} has parameters with sparse gradients {sparse[:4]}"
+                f"{' ...' if len(sparse) > 4 else ''} (e.g. STAR's per-domain weights, "
+                "role 'domain'): DDP cannot all-reduce them (NCCL has no sparse all-reduce); "
+                "train it in one process"
+            )
+        if checkpoint_dir is not None:
+            raise ValueError(
+                "checkpoint_dir (per-epoch resume state) is not supported in distributed training"
+            )
+        if batch_size % self.size:
+            raise ValueError(
+                f"batch_size={batch_size} (the global batch) must be divisible by the "
+                f"world size {self.size}, so every rank's micro-batch has batch_size/{self.size} rows"
+            )
+        if self.is_main and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        ):
+            logger.warning(
+                "model %s has BatchNorm: each rank normalises its own micro-batch of %d rows and the "
+                "running statistics follow rank 0's, so the run differs from a single-process one",
+                name, batch_size // self.size,
+            )  # fmt: skip
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` (already on ``self.device``) in ``DistributedDataParallel``: rank 0's
+        parameters and buffers are broadcast now, gradients averaged in every backward."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def num_batches(self, n: int, batch_size: int) -> int:
+        """Steps per epoch: the full global batches, and the last one if it has at least
+        one row per rank."""
+        return n // batch_size + (n % batch_size >= self.size)
+
+    def batches(
+        self, data: TensorData, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """This rank's slices ``(x (b, S), y (b,), rows)`` of the shuffled global batches
+        of ``batch_size`` rows that a single process draws with ``generator``.
+
+        ``rows = R / W`` for a global batch of ``R`` rows: the rows this rank's mean loss
+        stands for. The training loop scales the loss by ``b / rows`` (1 on every full
+        batch) so that DDP's average is the mean over the ``R`` rows. A last global batch
+        with fewer rows than ranks is skipped (module docstring).
+        """
+        for xb, yb in batches(data, batch_size, shuffle=True, generator=generator):
+            rows = len(yb)
+            if rows < self.size:
+                continue
+            start, stop = _bounds(rows, self.rank, self.size)
+            yield xb[start:stop], yb[start:stop], rows / self.size
+
+    def mean(self, t: Tensor) -> Tensor:
+        """The mean of ``t`` over the ranks (a new tensor; identical on every rank)."""
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.size
+
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks (a new tensor; identical on every rank)."""
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Overwrite every buffer of ``model`` with rank 0's (in place)."""
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: TensorData,
+        batch_size: int,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> np.ndarray:
+        """Click probabilities on every row of ``data``, in row order, identical on every
+        rank: each rank scores its :func:`shard`, then the shards are all-gathered.
+
+        First, rank 0's buffers are broadcast (:meth:`sync_buffers`): DDP broadcasts them
+        at the start of each training forward, but the forward then updates every rank's
+        own (BatchNorm's running statistics), so after an epoch's last step they differ.
+        """
+        self.sync_buffers(model)
+        part = torch.from_numpy(
+            evaluate(
+                model, shard(data, self.rank, self.size), batch_size, autocast_dtype=autocast_dtype
+            )
+        ).to(self.device)  # (n_r,) float64
+        width = -(-len(data) // self.size)
+        padded = torch.zeros(width, dtype=torch.float64, device=self.device)
+        padded[: len(part)] = part  # all_gather wants equal sizes
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded)
+        sizes = [
+            stop - start
+            for start, stop in (_bounds(len(data), r, self.size) for r in range(self.size))
+        ]
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)]).cpu().numpy()
+
+
+# ---------------------------------------------------------------------- process group
+
+
+def init_from_env(device: str = "auto") -> World:
+    """Join the process group ``torchrun`` describes in the environment.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (``MASTER_ADDR``/``MASTER_PORT`` are
+    read by ``init_process_group``'s ``env://``). ``device`` is resolved by
+    :func:`~dynamic_ctr.training.device.resolve_device`; CUDA means ``cuda:<LOCAL_RANK>``
+    and the NCCL backend (an index in ``device`` is ignored), anything else gloo.
+    Without ``torchrun`` (``WORLD_SIZE`` unset or 1) no group is created: ``World(size=1)``
+    on the resolved device.
+
+    Raises:
+        ValueError: an environment variable is malformed, or ``LOCAL_RANK`` names a GPU
+            this machine does not have.
+    """
+    resolved = resolve_device(device)
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return World(device=resolved)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"torchrun environment incomplete or malformed ({type(e).__name__}: {e})"
+        ) from None
+    if resolved.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        resolved, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(resolved)
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size)
+    logger.info(
+        "rank %d/%d (local %d) joined the %s group on %s", rank, size, local_rank, backend, resolved
+    )
+    return World(rank=rank, size=size, local_rank=local_rank, device=resolved, backend=backend)
+
+
+def destroy() -> None:
+    """Leave the process group (nothing happens when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a process that belongs to no process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[World]:
+    """:func:`init_from_env` for the block, then :func:`destroy` (also on an exception)."""
+    world = init_from_env(device)
+    try:
+        yield world
+    finally:
+        if world.size > 1:
+            destroy()
+
+
+# ---------------------------------------------------------------------- entry point
+
+_SPLIT_FILES = ("train.parquet", "valid.parquet", "feature_spec.json")
+
+
+def _resolve_paths(directory: Path, version: str | None) -> dict[str, Path]:
+    """``{file name: path}`` of the split's three files: a plain file, or the chosen
+    version inside a Kedro version folder ``<name>/<version>/<name>``."""
+    versions: dict[str, set[str]] = {}
+    for name in _SPLIT_FILES:
+        path = directory / name
+        if path.is_dir():
+            versions[name] = {p.name for p in path.iterdir() if (p / name).is_file()}
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file or Kedro version folder")
+    if versions:
+        common = set.intersection(*versions.values())
+        if version is None:
+            if not common:
+                raise FileNotFoundError(f"{directory}: no version common to {sorted(versions)}")
+            version = max(common)  # Kedro's version strings sort in time order
+        elif version not in common:
+            raise FileNotFoundError(
+                f"{directory}: version {version!r} is not in every one of {sorted(versions)}"
+            )
+    return {
+        name: directory / name / version / name if name in versions else directory / name
+        for name in _SPLIT_FILES
+    }
+
+
+def load_split(
+    directory: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    version: str | None = None,
+) -> tuple[Any, TensorData, TensorData, dict[str, Path]]:
+    """Read an encoded split (module docstring) onto ``device``.
+
+    Returns:
+        ``(FeatureSpec, train, valid, {file name: path read})``.
+    """
+    import pandas as pd
+
+    from dynamic_ctr.spec import FeatureSpec
+    from dynamic_ctr.training.batching import tensors_from_columns
+
+    paths = _resolve_paths(Path(directory), version)
+    spec = FeatureSpec.from_dict(json.loads(paths["feature_spec.json"].read_text(encoding="utf-8")))
+    columns = [*spec.index_columns, spec.label]
+    splits = []
+    for name in ("train.parquet", "valid.parquet"):
+        frame = pd.read_parquet(paths[name], columns=columns)
+        splits.append(
+            tensors_from_columns(
+                {c: frame[c].to_numpy() for c in columns}, spec, device, group_columns=[]
+            )
+        )
+    return spec, splits[0], splits[1], paths
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(
+        json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train one model config data-parallel (module docstring); returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dynamic_ctr.training.distributed", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--config", required=True, type=Path, help='JSON {"model": {...}, "train": {...}}'
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="encoded split: data/05_model_input/<dataset>"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="rank 0 writes <out>/model/ and <out>/metrics.json"
+    )
+    parser.add_argument(
+        "--version", default=None, help="Kedro version of the split (default: the newest)"
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.training.checkpoint import save_checkpoint
+    from dynamic_ctr.training.device import seed_everything
+    from dynamic_ctr.training.loop import TrainConfig, train
+
+    config = json.loads(args.config.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or set(config) != {"model", "train"}:
+        parser.error(
+            f'{args.config}: expected a JSON object {{"model": {{...}}, "train": {{...}}}}'
+        )
+    cfg = TrainConfig.from_dict(config["train"])
+    with distributed(args.device) as world:
+        logging.basicConfig(
+            level=logging.INFO if world.is_main else logging.WARNING,
+            format=f"[rank {world.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
+        )
+        spec, train_data, valid_data, paths = load_split(args.data, world.device, args.version)
+        seed_everything(cfg.seed)
+        # the model's initialisation follows the training seed, as tuning.fit does
+        model = build_model({**config["model"], "seed": cfg.seed}, spec)
+        result = train(model, train_data, valid_data, cfg, world=world)
+        if world.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(result.model.to("cpu").eval(), args.out / "model")
+            _write_json(
+                args.out / "metrics.json",
+                {
+                    "best_val_auc": result.best_val_auc,
+                    "best_epoch": result.best_epoch,
+                    "history": result.history,
+                    "world_size": world.size,
+                    "backend": world.backend,
+                    "device": str(world.device),
+                    "global_batch_size": cfg.batch_size,
+                    "rank_batch_size": cfg.batch_size // world.size,
+                    "train_rows": len(train_data),
+                    "valid_rows": len(valid_data),
+                    "written_by_rank": world.rank,
+                    "config": {"model": result.model.config, "train": config["train"]},
+                    "data": {name: str(path) for name, path in paths.items()},
+                },
+            )
+            logger.info("wrote %s and %s", args.out / "model", args.out / "metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
