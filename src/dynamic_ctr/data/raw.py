@@ -7,6 +7,10 @@ dropped: they are kept in ``RawTable.malformed`` and end up in the quarantine.
 
 Row numbers are 1-based data-record numbers; ``line`` adds the header line, so for
 files without quoted newlines it is the line an editor shows.
+
+Compressed delimited files (gzip, bzip2, zstd: Criteo's and Avazu's own downloads) are
+recognised by their first bytes, whatever their name, and decompressed in memory before
+they are parsed, so lines and messages refer to the decompressed text.
 """
 
 from __future__ import annotations
@@ -25,6 +29,23 @@ import pyarrow.parquet as pq
 _COMMON_SEPARATORS = (",", "\t", ";", "|", " ", "::")
 #: Multi-character separators (MovieLens-1M's ``::``) are rewritten to this byte first.
 _UNIT_SEPARATOR = "\x1f"
+#: The first bytes of each compressed format read directly (pyarrow's codec names).
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def compression_of(path: Path) -> str | None:
+    """The compression of ``path`` by its magic bytes (``gzip``, ``bz2``, ``zstd``), or None."""
+    with path.open("rb") as f:
+        start = f.read(4)
+    return next((codec for magic, codec in _MAGIC.items() if start.startswith(magic)), None)
+
+
+def _decompress(path: Path, codec: str) -> bytes:
+    try:
+        with pa.input_stream(str(path), compression=codec) as stream:
+            return stream.read()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RawInputError(f"{path}: looks {codec}-compressed but cannot be decompressed: {exc}") from exc
 
 
 class RawInputError(ValueError):
@@ -127,17 +148,25 @@ def _read_parquet(path: Path) -> RawTable:
 
 
 def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
-    with path.open("rb") as f:
-        head = f.read(1 << 16)
-    if not head.strip() and path.stat().st_size <= len(head):
-        raise RawInputError(f"{path}: file is empty")
+    codec = compression_of(path)
+    raw = _decompress(path, codec) if codec else None
+    if raw is not None:
+        head = raw[: 1 << 16]
+        if not raw.strip():
+            raise RawInputError(f"{path}: file is empty (once {codec}-decompressed)")
+    else:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        if not head.strip() and path.stat().st_size <= len(head):
+            raise RawInputError(f"{path}: file is empty")
     is_utf8 = cfg.encoding.lower().replace("-", "") in ("utf8", "ascii")
     sep = cfg.sep
     # UTF-8 with a one-character separator is read by pyarrow straight from the file;
-    # anything else is transcoded / rewritten in memory first.
+    # anything else (and a compressed file) is decompressed / transcoded / rewritten in
+    # memory first.
     data: bytes | None = None
-    if not is_utf8 or len(sep) != 1:
-        data = _to_utf8(path.read_bytes(), path, cfg.encoding)
+    if not is_utf8 or len(sep) != 1 or raw is not None:
+        data = _to_utf8(raw if raw is not None else path.read_bytes(), path, cfg.encoding)
         if len(sep) != 1:
             data = data.replace(sep.encode(), _UNIT_SEPARATOR.encode())
             sep = _UNIT_SEPARATOR
