@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -13,17 +12,26 @@ from modelkit import perturb, small_config
 
 from dynamic_ctr.models import BACKBONES, build_model, count_parameters
 from dynamic_ctr.models.apg import APGTower
+from dynamic_ctr.models.config import DENSE_FAMILIES
 from dynamic_ctr.models.layers import CrossNetV1, CrossNetV2, FactorizationMachine, MLPTower
 from dynamic_ctr.spec import FeatureSpec, FieldSpec
 
 FAMILIES = sorted(BACKBONES)
 APG_V4 = {"version": "v4", "rank": 4}
+# every backbone with a dense tower gets APG; deepcrossing (residual units only) none
+FAMILY_TOWERS = [(f, apg) for f in FAMILIES for apg in ([None, APG_V4] if f in DENSE_FAMILIES else [None])]
 
 
-@pytest.mark.parametrize("family, apg", list(itertools.product(FAMILIES, [None, APG_V4])))
+@pytest.mark.parametrize("family, apg", FAMILY_TOWERS)
 def test_forward_shape_and_finite_gradients(spec, batch, family, apg):
     model = build_model(small_config(family=family, apg=apg, dropout=0.1, batch_norm=True), spec)
-    assert isinstance(model.dense, APGTower if apg else MLPTower)
+    tower = APGTower if apg else MLPTower
+    if family in DENSE_FAMILIES:
+        assert isinstance(model.dense, tower)
+    else:
+        assert model.dense is None
+    if family == "finalmlp":
+        assert isinstance(model.dense2, tower)  # stream 2 is built the same way
     logits = model(batch)
     assert logits.shape == (3,)
     assert torch.isfinite(logits).all()

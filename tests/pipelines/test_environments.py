@@ -46,10 +46,15 @@ def _dataset_folder(env: str) -> str:
     return yaml.safe_load((PROJECT / "conf/base/globals.yml").read_text())["dataset"]
 
 
-def _declared_not_applicable(env: str, suite: str) -> set[str]:
+def _declared_not_applicable(env: str, suite: str, variant_set: str = "default") -> set[str]:
+    """Variants the env declares not applicable, and (default set) those marked full_only."""
     path = PROJECT / "conf" / env / "parameters.yml"
     params = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return set(((params or {}).get(suite) or {}).get("not_applicable") or {})
+    declared = set(((params or {}).get(suite) or {}).get("not_applicable") or {})
+    if variant_set == "full":
+        return declared
+    base = yaml.safe_load((PROJECT / "conf/base" / f"parameters_{suite}.yml").read_text())[suite]["variants"]
+    return declared | {n for n, v in base.items() if (v or {}).get("full_only")}
 
 
 def _latest(root: Path, relative: str) -> Path:
@@ -84,19 +89,19 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
         _check_suite_report(project, env, suite)
 
 
-def _check_suite_report(project: Path, env: str, suite: str) -> None:
+def _check_suite_report(project: Path, env: str, suite: str, variant_set: str = "default") -> None:
     folder = f"data/08_reporting/{_dataset_folder(env)}/{suite}"
     summary = json.loads(_latest(project, f"{folder}/summary.json").read_text())
     trained = {v["name"] for v in summary["variants"]}
     skipped = {v["name"] for v in summary["not_applicable"]}
-    assert skipped == _declared_not_applicable(env, suite)
+    assert skipped == _declared_not_applicable(env, suite, variant_set)
     assert trained | skipped == set(suite_variant_names(suite, PROJECT)) and not trained & skipped
     for v in summary["variants"]:
         assert 0 < v["test_auc"] < 1 and math.isfinite(v["test_logloss"]), (env, v["name"])
         assert v["folding_check"]["passed"] and v["seeds"] == 1, (env, v["name"])
         assert v["budget"]["n_trials"] == 1 and v["budget"]["max_epochs"] == 1
     for row in summary["comparison"]:
-        if row["variant"] in skipped:
+        if row["variant"] in skipped or row["base"] in skipped:
             assert row["verdict"].startswith("not applicable: "), row
         else:
             assert row["verdict"] == "not enough seeds" and row["seeds"] == 1, row
@@ -115,6 +120,16 @@ def _check_suite_report(project: Path, env: str, suite: str) -> None:
     assert "Not run here" in report and "Models on the same split" in report
     for name in skipped:
         assert name in report
+
+
+@pytest.mark.slow
+def test_the_full_set_trains_every_variant(project: Path) -> None:
+    """`kedro run --params training.variant_set=full` on the tiny data: the variants left
+    out of the default run (full_only) train, fold and report like the others."""
+    with KedroSession.create(project_path=project, env="tiny", runtime_params={**SMOKE, "training": {**SMOKE["training"], "variant_set": "full"}}) as session:
+        session.run(pipeline_names=["apg", "dynint"])
+    for suite in ("apg", "dynint"):
+        _check_suite_report(project, "tiny", suite, "full")
 
 
 @pytest.mark.slow

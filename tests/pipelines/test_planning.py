@@ -31,7 +31,10 @@ def _plan(spec: dict, suite: dict | None = None, training: dict | None = None) -
 def test_the_shipped_suite_plans_every_variant_with_roles_resolved(spec) -> None:
     plan = _plan(spec)
     variants = plan["variants"]
-    assert list(variants) == NAMES and all(v["status"] == "ready" for v in variants.values())
+    full_only = {n for n, v in APG["variants"].items() if (v or {}).get("full_only")}
+    assert list(variants) == NAMES and all(v["status"] == ("not_applicable" if n in full_only else "ready") for n, v in variants.items())
+    full = _plan(spec, training={**TRAINING, "variant_set": "full"})["variants"]
+    assert all(v["status"] == "ready" for v in full.values())  # the full set: every variant
     assert variants["wdl_apg_group_user"]["model"]["apg"]["condition"]["fields"] == ["user"]
     assert variants["wdl_apg_group_item"]["model"]["apg"]["condition"]["fields"] == ["item"]
     assert variants["wdl_apg_mix"]["model"]["apg"]["condition"]["fields"] == ["user", "item", "hour"]
@@ -42,7 +45,7 @@ def test_the_shipped_suite_plans_every_variant_with_roles_resolved(spec) -> None
 
 
 def test_budgets_share_the_search_space_and_add_trials_per_own_dimension(spec) -> None:
-    variants = _plan(spec)["variants"]
+    variants = _plan(spec, training={**TRAINING, "variant_set": "full"})["variants"]
     common = set(TRAINING["search_space"])
     assert {"train.lr", "train.embedding_weight_decay", "model.dropout"} <= common
     n = TRAINING["study"]["n_trials"]
@@ -108,7 +111,7 @@ def test_impossible_configs_are_all_named_in_one_error(spec) -> None:
 
 
 def test_limits_cap_trials_epochs_seeds_and_rows(spec) -> None:
-    training = {**TRAINING, "limits": {"n_trials": 1, "max_epochs": 1, "seeds": 1, "train_rows": 500}}
+    training = {**TRAINING, "variant_set": "full", "limits": {"n_trials": 1, "max_epochs": 1, "seeds": 1, "train_rows": 500}}
     for v in _plan(spec, training=training)["variants"].values():
         assert v["study"]["n_trials"] == 1 and v["train"]["max_epochs"] == 1
         assert v["seeds"] == [TRAINING["seeds"][0]] and v["train_rows"] == 500
@@ -130,7 +133,7 @@ def test_resolve_roles_and_deep_merge() -> None:
 
 
 def test_the_paper_protocol_gives_five_seeds_eight_shared_trials_and_equal_budgets(spec) -> None:
-    plan = _plan(spec, training={**TRAINING, "protocol": "paper"})
+    plan = _plan(spec, training={**TRAINING, "protocol": "paper", "variant_set": "full"})
     assert plan["protocol"] == "paper"
     variants = plan["variants"]
     for name, v in variants.items():
@@ -152,7 +155,7 @@ def test_conf_paper_selects_the_paper_protocol() -> None:
 def test_the_dynint_suite_plans_on_the_shipped_spec_with_its_own_shared_space(spec) -> None:
     suite = yaml.safe_load((PROJECT / "conf/base/parameters_dynint.yml").read_text())["dynint"]
     names = suite_variant_names("dynint", PROJECT)
-    variants = plan_suite(spec, TRAINING, suite, suite="dynint", registered=names)["variants"]
+    variants = plan_suite(spec, {**TRAINING, "variant_set": "full"}, suite, suite="dynint", registered=names)["variants"]
     pins = {n: v for n, v in variants.items() if v["model"]["family"] == "xdeepint"}
     assert [v["model"]["dynint"]["mode"] for v in pins.values()] == ["static", "da", "dgp", "dwp"]
     shared = set(suite["search_space"])
@@ -170,7 +173,10 @@ def test_the_dynint_suite_plans_on_the_shipped_spec_with_its_own_shared_space(sp
     assert {n: (m["family"], m["dnn"]) for n, m in references.items()} == {
         "lr": ("wdl", False), "fm": ("deepfm", False), "ref_dnn": ("dnn", True), "ref_wdl": ("wdl", True),
         "ref_deepfm": ("deepfm", True), "ref_dcn": ("dcn", True), "ref_dcnv2": ("dcnv2", True),
-        "crossnet": ("dcn", False), "crossnet_v2": ("dcnv2", False)}
+        "ref_deepcrossing": ("deepcrossing", True), "ref_pnn": ("pnn", True), "ref_xdeepfm": ("xdeepfm", True),
+        "ref_autoint": ("autoint", True), "ref_fibinet": ("fibinet", True),
+        "crossnet": ("dcn", False), "crossnet_v2": ("dcnv2", False), "pnn_layer": ("pnn", False), "cin": ("xdeepfm", False),
+        "autoint_layer": ("autoint", False)}
     assert all(m.get("dynint") is None and m["embedding_dim"] == 16 for m in references.values())
     assert all(variants[n]["budget"]["own_dimensions"] == [] for n in references)
 

@@ -10,14 +10,14 @@ from torch import nn
 from dynamic_ctr.models.adasparse import AdaSparseTower
 from dynamic_ctr.models.apg import APGTower
 from dynamic_ctr.models.backbones import BACKBONES
-from dynamic_ctr.models.config import DENSE_FAMILIES, ModelConfig, resolve_config
+from dynamic_ctr.models.config import ModelConfig, dense_towers, resolve_config, tower_config
 from dynamic_ctr.models.dynint import XDeepInt
 from dynamic_ctr.models.embedding import field_order
 from dynamic_ctr.models.layers import MLPTower
 from dynamic_ctr.models.multidomain import MAML, STAR, MMoE
 from dynamic_ctr.spec import FeatureSpec
 
-__all__ = ["MODELS", "build_dense", "build_model"]
+__all__ = ["MODELS", "build_dense", "build_model", "build_towers"]
 
 #: Every model family: the backbones around a dense tower, xDeepInt/DynInt, and the
 #: multi-domain networks.
@@ -42,6 +42,15 @@ def build_dense(cfg: ModelConfig, spec: FeatureSpec, in_dim: int) -> nn.Module:
     return MLPTower(cfg, in_dim)
 
 
+def build_towers(cfg: ModelConfig, spec: FeatureSpec) -> list[nn.Module]:
+    """Every dense tower ``cfg``'s family asks for (``config.dense_towers``), each built
+    by :func:`build_dense` on its own input width and widths: none (no tower, or
+    ``dnn: false``), one, or FinalMLP's two streams."""
+    return [
+        build_dense(tower_config(cfg, i), spec, in_dim) for i, (in_dim, _) in enumerate(dense_towers(cfg, spec))
+    ]
+
+
 def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.Module:
     """Build a CTR model, ``forward(x (B, S)) -> (B,)`` logits.
 
@@ -61,8 +70,9 @@ def build_model(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> nn.M
     cfg = resolve_config(config, spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        in_dim = len(spec.fields) * cfg.embedding_dim
-        dense = build_dense(cfg, spec, in_dim) if cfg.family in DENSE_FAMILIES and cfg.dnn else None
+        towers = build_towers(cfg, spec)
+        # one tower is injected as is, FinalMLP's two as a tuple
+        dense = None if not towers else towers[0] if len(towers) == 1 else tuple(towers)
         model = MODELS[cfg.family](cfg, spec, dense)
     model.config = cfg.to_dict()
     model.spec = spec

@@ -20,26 +20,43 @@ from dynamic_ctr.spec import FeatureSpec
 __all__ = [
     "ADASPARSE_FORMULATIONS",
     "APG_VERSIONS",
+    "BILINEAR_TYPES",
     "COMBINES",
     "FAMILIES",
     "FM_INPUTS",
+    "PNN_KERNELS",
+    "PNN_PRODUCTS",
     "APGConfig",
     "AdaSparseConfig",
+    "AutoIntConfig",
     "ConditionConfig",
+    "DeepCrossingConfig",
     "DynIntConfig",
+    "FiBiNETConfig",
+    "FinalMLPConfig",
     "MAMLConfig",
     "MMoEConfig",
     "ModelConfig",
+    "PNNConfig",
     "StarConfig",
+    "XDeepFMConfig",
+    "dense_towers",
     "layer_widths",
     "parse_config",
     "resolve_config",
+    "tower_config",
 ]
 
-FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "xdeepint", "star", "mmoe", "maml")
-#: Families with a dense (MLP, APG or AdaSparse) tower; xdeepint is its interaction
-#: network alone; star and mmoe are multi-domain networks of their own.
-DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "maml")
+FAMILIES = (
+    "dnn", "wdl", "deepfm", "dcn", "dcnv2", "pnn", "deepcrossing", "xdeepfm", "autoint", "fibinet",
+    "finalmlp", "xdeepint", "star", "mmoe", "maml",
+)
+#: Families with a dense (MLP, APG or AdaSparse) tower (finalmlp: two); xdeepint is its
+#: interaction network alone, deepcrossing its residual units (no plain MLP); star and
+#: mmoe are multi-domain networks of their own.
+DENSE_FAMILIES = ("dnn", "wdl", "deepfm", "dcn", "dcnv2", "pnn", "xdeepfm", "autoint", "fibinet", "finalmlp", "maml")
+#: Families that are nothing without their MLP, so ``dnn: false`` is refused.
+DNN_ONLY_FAMILIES = ("dnn", "deepcrossing", "finalmlp")
 #: Families that read a domain id per sample (``domain_field``).
 DOMAIN_FAMILIES = ("star", "mmoe", "maml")
 ADASPARSE_FORMULATIONS = ("binarization", "scaling", "fusion")
@@ -50,6 +67,9 @@ CONDITION_MODES = ("self", "group", "mix")
 AGGREGATIONS = ("input", "output")
 COMBINES = ("concat", "mean", "attention")
 FM_INPUTS = ("features", "fields")
+PNN_PRODUCTS = ("inner", "outer", "both")
+PNN_KERNELS = ("mat", "vec", "num")
+BILINEAR_TYPES = ("field_all", "field_each", "field_interaction")
 
 
 def _is_int(value: Any) -> bool:
@@ -81,11 +101,18 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, l
         raise ValueError(f"{name}={value!r} must be a finite number in {bound}")
 
 
-def _check_units(name: str, value: Any) -> None:
-    if not isinstance(value, tuple) or not value:
-        raise ValueError(f"{name}={value!r} must be a non-empty list of widths")
+def _check_units(name: str, value: Any, allow_empty: bool = False) -> None:
+    if not isinstance(value, tuple) or not (value or allow_empty):
+        raise ValueError(f"{name}={value!r} must be a {'' if allow_empty else 'non-empty '}list of widths")
     for h in value:
         _check_int(name, h, 1)
+
+
+def _check_fields(name: str, value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(f, str) for f in value):
+        raise ValueError(f"{name}={value!r} must be a list of field names")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name}={list(value)} has duplicates")
 
 
 @dataclass(frozen=True)
@@ -335,21 +362,177 @@ class MAMLConfig:
 
 
 @dataclass(frozen=True)
+class PNNConfig:
+    """PNN's product layer (Qu et al., ICDM 2016; ``models/interaction.py``).
+
+    Args:
+        product: ``inner`` (IPNN: ``<e_i, e_j>`` per field pair), ``outer`` (OPNN in the
+            kernel form of Qu et al. 2018, ``e_i^T K_ij e_j``) or ``both`` (PNN*).
+        kernel: the outer product's kernel per pair: ``mat`` (a D x D matrix), ``vec``
+            (a diagonal, D weights) or ``num`` (one weight times the inner product).
+            Ignored by ``product: inner``.
+    """
+
+    product: str = "inner"
+    kernel: str = "mat"
+
+    def __post_init__(self) -> None:
+        _check_choice("pnn.product", self.product, PNN_PRODUCTS)
+        _check_choice("pnn.kernel", self.kernel, PNN_KERNELS)
+
+    @property
+    def products(self) -> int:
+        """Product values per field pair: 1 (inner or outer) or 2 (both)."""
+        return 2 if self.product == "both" else 1
+
+
+@dataclass(frozen=True)
+class DeepCrossingConfig:
+    """Deep Crossing (Shan et al., KDD 2016): ``residual_units`` holds the inner width of
+    each residual unit (one unit per entry; every unit maps ``E -> E``)."""
+
+    residual_units: tuple[int, ...] = (256, 128, 64)
+
+    def __post_init__(self) -> None:
+        _check_units("deepcrossing.residual_units", self.residual_units)
+
+
+@dataclass(frozen=True)
+class XDeepFMConfig:
+    """xDeepFM's Compressed Interaction Network (Lian et al., KDD 2018).
+
+    Args:
+        cin_layer_sizes: H_k, the feature maps of each CIN layer.
+        cin_split_half: half of each layer's maps (all but the last layer's) feed the
+            next layer, the other half the output (the paper's code and DeepCTR); every
+            size but the last must then be even.
+    """
+
+    cin_layer_sizes: tuple[int, ...] = (128, 128)
+    cin_split_half: bool = True
+
+    def __post_init__(self) -> None:
+        _check_units("xdeepfm.cin_layer_sizes", self.cin_layer_sizes)
+        _check_bool("xdeepfm.cin_split_half", self.cin_split_half)
+        if self.cin_split_half and any(h % 2 for h in self.cin_layer_sizes[:-1]):
+            raise ValueError(
+                f"xdeepfm.cin_layer_sizes={list(self.cin_layer_sizes)}: with cin_split_half every size "
+                "but the last must be even"
+            )
+
+
+@dataclass(frozen=True)
+class AutoIntConfig:
+    """AutoInt's interacting layers (Song et al., CIKM 2019).
+
+    Args:
+        attention_layers: stacked multi-head self-attention layers over the fields.
+        attention_heads: heads per layer; must divide ``attention_dim``.
+        attention_dim: the width of each field's output of a layer, all heads together
+            (``heads x d'`` in the paper); default (None) ``embedding_dim``.
+        attention_residual: add ``W_res e_m`` before the ReLU (eq. 7).
+    """
+
+    attention_layers: int = 3
+    attention_heads: int = 2
+    attention_dim: int | None = None
+    attention_residual: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("autoint.attention_layers", self.attention_layers, 1)
+        _check_int("autoint.attention_heads", self.attention_heads, 1)
+        if self.attention_dim is not None:
+            _check_int("autoint.attention_dim", self.attention_dim, 1)
+        _check_bool("autoint.attention_residual", self.attention_residual)
+
+
+@dataclass(frozen=True)
+class FiBiNETConfig:
+    """FiBiNET (Huang et al., RecSys 2019): SENET and the bilinear interaction.
+
+    Args:
+        senet_reduction: r, the SENET excitation's reduction ratio (``F // r`` units).
+        bilinear_type: ``field_all`` (one W), ``field_each`` (one W per field) or
+            ``field_interaction`` (one W per field pair).
+    """
+
+    senet_reduction: int = 3
+    bilinear_type: str = "field_interaction"
+
+    def __post_init__(self) -> None:
+        _check_int("fibinet.senet_reduction", self.senet_reduction, 1)
+        _check_choice("fibinet.bilinear_type", self.bilinear_type, BILINEAR_TYPES)
+
+
+@dataclass(frozen=True)
+class FinalMLPConfig:
+    """FinalMLP (Mao et al., AAAI 2023): two MLP streams, feature selection, fusion.
+
+    Stream 1 is the dense tower of ``hidden_units``; stream 2 a second one of
+    ``mlp2_hidden_units``. Both are built like any dense tower (APG or AdaSparse apply
+    to both; a per-layer ``apg.rank`` lists stream 1's layers, then stream 2's).
+
+    Args:
+        mlp2_hidden_units: stream 2's widths; default (None) ``hidden_units``.
+        fs_hidden_units: hidden widths of each feature-selection gate's MLP (may be empty:
+            one linear map).
+        fs1_context, fs2_context: the fields whose embeddings each gate reads; empty: a
+            learnable vector (the gate is then the same for every instance).
+        heads: heads of the bilinear fusion; must divide both streams' last widths.
+    """
+
+    mlp2_hidden_units: tuple[int, ...] | None = None
+    fs_hidden_units: tuple[int, ...] = (64,)
+    fs1_context: tuple[str, ...] = ()
+    fs2_context: tuple[str, ...] = ()
+    heads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mlp2_hidden_units is not None:
+            _check_units("finalmlp.mlp2_hidden_units", self.mlp2_hidden_units)
+        _check_units("finalmlp.fs_hidden_units", self.fs_hidden_units, allow_empty=True)
+        _check_fields("finalmlp.fs1_context", self.fs1_context)
+        _check_fields("finalmlp.fs2_context", self.fs2_context)
+        _check_int("finalmlp.heads", self.heads, 1)
+
+
+#: The family settings blocks: only the family of the same name takes its block, and
+#: ``resolve_config`` fills in the defaults when it is absent.
+FAMILY_CONFIGS: dict[str, type] = {
+    "star": StarConfig,
+    "mmoe": MMoEConfig,
+    "maml": MAMLConfig,
+    "pnn": PNNConfig,
+    "deepcrossing": DeepCrossingConfig,
+    "xdeepfm": XDeepFMConfig,
+    "autoint": AutoIntConfig,
+    "fibinet": FiBiNETConfig,
+    "finalmlp": FinalMLPConfig,
+}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One CTR model: a backbone family, its dense tower, and optionally APG.
 
     Args:
         family: backbone, one of ``FAMILIES``.
         embedding_dim: D, the width of every field embedding.
-        hidden_units: widths of the hidden layers of the dense tower (H_1, H_2, ...).
-        dropout: dropout after each hidden layer (0 = none).
+        hidden_units: widths of the hidden layers of the dense tower (H_1, H_2, ...);
+            FinalMLP's stream 1. Ignored by ``deepcrossing`` (``deepcrossing.residual_units``).
+        dropout: dropout after each hidden layer (0 = none); also after each residual
+            unit of ``deepcrossing``.
         batch_norm: BatchNorm1d after each hidden linear map (before the ReLU).
         cross_layers: cross layers of ``dcn``/``dcnv2`` (ignored by other families).
         dnn: keep the dense tower (default). ``False`` leaves a model's interaction
             layer alone, as in DynInt Table 2: ``wdl`` becomes logistic regression (its
             first-order term), ``deepfm`` an FM with its first-order term, ``dcn`` /
-            ``dcnv2`` the cross network and its linear head. ``dnn`` has nothing else
-            and refuses it; ``xdeepint`` never has a DNN and ignores the key.
+            ``dcnv2`` the cross network and its linear head, ``pnn`` the product layer
+            (with the flattened embeddings) into a linear head, ``xdeepfm`` CIN plus the
+            first-order term, ``autoint`` AutoInt without the "+", ``fibinet`` the
+            shallow FiBiNET (combination layer into a linear head, plus first order).
+            ``dnn``, ``deepcrossing`` and ``finalmlp`` have nothing else and refuse it;
+            ``xdeepint`` never has a DNN and ignores the key.
         fm_input: what ``deepfm``'s FM and first-order terms run over (ignored by other
             families). ``"features"`` (default, Rendle 2010): every active feature,
             each value of a multi-valued field its own feature with x = 1 (pad slots
@@ -364,7 +547,9 @@ class ModelConfig:
         domain_field: the field whose value is a sample's domain for ``star``, ``mmoe``
             and AdaSparse's default ``e_d`` (categorical; default ``spec.domain_field``).
             A coarse partition (a genre) or a fine one (the item, APG Table 6).
-        star, mmoe, maml: the settings of those families (defaults when absent).
+        star, mmoe, maml, pnn, deepcrossing, xdeepfm, autoint, fibinet, finalmlp: the
+            settings of the family of that name (its defaults when absent; any other
+            family refuses the block). See :class:`PNNConfig` and the classes after it.
         dynint: the interaction network of family ``xdeepint`` (required there, refused
             elsewhere); ``hidden_units``, ``dropout`` and ``batch_norm`` do not apply to it.
         seed: seed of the parameter init (``build_model`` does not touch the global RNG).
@@ -386,6 +571,12 @@ class ModelConfig:
     star: StarConfig | None = None
     mmoe: MMoEConfig | None = None
     maml: MAMLConfig | None = None
+    pnn: PNNConfig | None = None
+    deepcrossing: DeepCrossingConfig | None = None
+    xdeepfm: XDeepFMConfig | None = None
+    autoint: AutoIntConfig | None = None
+    fibinet: FiBiNETConfig | None = None
+    finalmlp: FinalMLPConfig | None = None
     dynint: DynIntConfig | None = None
     seed: int = 0
     folded: bool = False
@@ -407,8 +598,9 @@ class ModelConfig:
         _check_bool("batch_norm", self.batch_norm)
         _check_int("cross_layers", self.cross_layers, 1)
         _check_bool("dnn", self.dnn)
-        if not self.dnn and self.family == "dnn":
-            raise ValueError("dnn=False: family 'dnn' is its dense tower alone; nothing would be left")
+        if not self.dnn and self.family in DNN_ONLY_FAMILIES:
+            alone = {"dnn": "its dense tower", "deepcrossing": "its residual units", "finalmlp": "its two MLP streams"}
+            raise ValueError(f"dnn=False: family {self.family!r} is {alone[self.family]} alone; nothing would be left")
         if not self.dnn and (self.apg is not None or self.adasparse is not None):
             raise ValueError("dnn=False with apg or adasparse: there is no dense tower to make adaptive")
         if self.apg is not None and self.adasparse is not None:
@@ -418,12 +610,15 @@ class ModelConfig:
                 raise ValueError(f"adasparse={self.adasparse!r} must be an AdaSparseConfig or None")
             if self.family not in DENSE_FAMILIES:
                 raise ValueError(f"adasparse: family {self.family!r} has no dense tower to prune")
+        if self.apg is not None and self.family == "deepcrossing":
+            raise ValueError("apg: family 'deepcrossing' has no plain MLP (only residual units) to make adaptive")
         if self.domain_field is not None and not isinstance(self.domain_field, str):
             raise ValueError(f"domain_field={self.domain_field!r} must be a field name")
-        for key, kind in (("star", StarConfig), ("mmoe", MMoEConfig), ("maml", MAMLConfig)):
+        for key, kind in FAMILY_CONFIGS.items():
             value = getattr(self, key)
             if value is not None and (self.family != key or not isinstance(value, kind)):
                 raise ValueError(f"{key}={value!r}: only family {key!r} takes it, as a {kind.__name__}")
+        self._check_family_settings()
         _check_choice("fm_input", self.fm_input, FM_INPUTS)
         _check_int("seed", self.seed, 0)
         _check_bool("folded", self.folded)
@@ -447,11 +642,39 @@ class ModelConfig:
         if self.apg is not None:
             if not isinstance(self.apg, APGConfig):
                 raise ValueError(f"apg={self.apg!r} must be an APGConfig or None")
-            if isinstance(self.apg.rank, tuple) and len(self.apg.rank) != len(self.hidden_units):
+            layers = sum(len(units) for units in self.tower_units())
+            if isinstance(self.apg.rank, tuple) and len(self.apg.rank) != layers:
+                where = "hidden_units, then finalmlp.mlp2_hidden_units" if self.family == "finalmlp" else "hidden_units"
                 raise ValueError(
-                    f"apg.rank={list(self.apg.rank)} needs one rank per hidden layer "
-                    f"({len(self.hidden_units)} in hidden_units)"
+                    f"apg.rank={list(self.apg.rank)} needs one rank per hidden layer ({layers} in {where})"
                 )
+
+    def _check_family_settings(self) -> None:
+        """The checks of a family block that need the rest of the config."""
+        if self.autoint is not None:
+            dim = self.autoint.attention_dim or self.embedding_dim
+            if dim % self.autoint.attention_heads:
+                raise ValueError(
+                    f"autoint.attention_dim={dim} must be divisible by "
+                    f"autoint.attention_heads={self.autoint.attention_heads}"
+                )
+        if self.finalmlp is not None:
+            heads = self.finalmlp.heads
+            last = [units[-1] for units in self.tower_units()]
+            if any(width % heads for width in last):
+                raise ValueError(
+                    f"finalmlp.heads={heads} must divide the last width of both streams, {last}"
+                )
+
+    def tower_units(self) -> tuple[tuple[int, ...], ...]:
+        """The hidden widths of each dense tower: none for families without one (or with
+        ``dnn: false``), two for ``finalmlp`` (stream 1, stream 2), else one."""
+        if self.family not in DENSE_FAMILIES or not self.dnn:
+            return ()
+        if self.family == "finalmlp":
+            second = self.finalmlp.mlp2_hidden_units if self.finalmlp is not None else None
+            return (self.hidden_units, second or self.hidden_units)
+        return (self.hidden_units,)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized, JSON-able form (tuples become lists)."""
@@ -487,17 +710,22 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
             value = None if value is None else _from_dict(APGConfig, value, "apg.")
         elif key == "dynint":
             value = None if value is None else _from_dict(DynIntConfig, value, "dynint.")
-        elif key in SUB_CONFIGS:
+        elif key in SUB_CONFIGS and not prefix:
             value = None if value is None else _from_dict(SUB_CONFIGS[key], value, key + ".")
         elif key == "condition":
             value = _from_dict(ConditionConfig, value, prefix + "condition.")
-        elif key in ("hidden_units", "fields", "rank", "aux_hidden", "expert_units", "tower_units"):
+        elif key in _LIST_KEYS:
             value = _tuplify(value)
         kwargs[key] = value
     return cls(**kwargs)
 
 
-SUB_CONFIGS: dict[str, type] = {"adasparse": AdaSparseConfig, "star": StarConfig, "mmoe": MMoEConfig, "maml": MAMLConfig}
+SUB_CONFIGS: dict[str, type] = {"adasparse": AdaSparseConfig, **FAMILY_CONFIGS}
+#: Keys whose JSON lists become tuples.
+_LIST_KEYS = frozenset({
+    "hidden_units", "fields", "rank", "aux_hidden", "expert_units", "tower_units", "residual_units",
+    "cin_layer_sizes", "mlp2_hidden_units", "fs_hidden_units", "fs1_context", "fs2_context",
+})
 
 
 def parse_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
@@ -507,10 +735,50 @@ def parse_config(config: dict[str, Any] | ModelConfig) -> ModelConfig:
     return _from_dict(ModelConfig, config, "")
 
 
+def dense_towers(cfg: ModelConfig, spec: FeatureSpec) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """``(E_in, hidden_units)`` of each dense tower of ``cfg`` (see
+    :meth:`ModelConfig.tower_units`), with the input width its family feeds it:
+
+    * ``pnn``: the product layer, ``E + P`` (inner or outer) or ``E + 2P`` (both), P =
+      F (F - 1) / 2 field pairs;
+    * ``fibinet``: the combination layer, the bilinear outputs of the SENET and of the
+      original embeddings, ``2 P D``;
+    * every other family: the flattened embeddings, ``E = F D``.
+    """
+    num_fields = len(spec.fields)
+    pairs = num_fields * (num_fields - 1) // 2
+    in_dim = num_fields * cfg.embedding_dim
+    if cfg.family == "pnn":
+        in_dim += pairs * (cfg.pnn or PNNConfig()).products
+    elif cfg.family == "fibinet":
+        in_dim = 2 * pairs * cfg.embedding_dim
+    return tuple((in_dim, units) for units in cfg.tower_units())
+
+
 def layer_widths(cfg: ModelConfig, spec: FeatureSpec) -> list[tuple[int, int]]:
-    """``(d_in, d_out)`` of every hidden layer; the tower input is ``F * D``."""
-    dims = [len(spec.fields) * cfg.embedding_dim, *cfg.hidden_units]
-    return list(itertools.pairwise(dims))
+    """``(d_in, d_out)`` of every hidden layer of every dense tower, in tower order (the
+    order of a per-layer ``apg.rank``)."""
+    return [pair for in_dim, units in dense_towers(cfg, spec) for pair in itertools.pairwise([in_dim, *units])]
+
+
+def tower_config(cfg: ModelConfig, tower: int) -> ModelConfig:
+    """The config that builds dense tower ``tower`` of ``cfg`` on its own.
+
+    ``cfg`` itself for a family with one tower. For ``finalmlp``: a ``dnn`` config with
+    that stream's ``hidden_units`` and its slice of a per-layer ``apg.rank``; every
+    setting of the tower (dropout, batch norm, APG, AdaSparse) is ``cfg``'s.
+    """
+    units = cfg.tower_units()
+    if len(units) == 1 and tower == 0:
+        return cfg
+    if not 0 <= tower < len(units):
+        raise ValueError(f"{tower=}: family {cfg.family!r} has {len(units)} dense tower(s)")
+    apg = cfg.apg
+    if apg is not None and isinstance(apg.rank, tuple):
+        first = sum(len(u) for u in units[:tower])
+        apg = replace(apg, rank=apg.rank[first : first + len(units[tower])])
+    blocks = dict.fromkeys(FAMILY_CONFIGS)
+    return replace(cfg, family="dnn", hidden_units=units[tower], apg=apg, **blocks)
 
 
 def _resolve_domains(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
@@ -527,8 +795,6 @@ def _resolve_domains(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
         if domain not in known or known[domain].kind != "categorical":
             raise ValueError(f"domain_field={domain!r} must be a categorical field of the spec {sorted(known)}")
     updates: dict[str, Any] = {"domain_field": domain}
-    if cfg.family in DOMAIN_FAMILIES and getattr(cfg, cfg.family) is None:
-        updates[cfg.family] = {"star": StarConfig, "mmoe": MMoEConfig, "maml": MAMLConfig}[cfg.family]()
     if cfg.adasparse is not None:
         fields_ = cfg.adasparse.fields or (domain,)
         unknown = [f for f in fields_ if f not in known]
@@ -538,6 +804,29 @@ def _resolve_domains(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
     return replace(cfg, **updates)
 
 
+def _resolve_family(cfg: ModelConfig, spec: FeatureSpec) -> ModelConfig:
+    """Give the family its settings block (defaults when absent) with the spec-dependent
+    values filled in (AutoInt's ``attention_dim``, FinalMLP's stream-2 widths), and check
+    the field names and counts it needs."""
+    kind = FAMILY_CONFIGS.get(cfg.family)
+    if kind is None:
+        return cfg
+    block = getattr(cfg, cfg.family) or kind()
+    known = [f.name for f in spec.fields]
+    if cfg.family == "autoint" and block.attention_dim is None:
+        block = replace(block, attention_dim=cfg.embedding_dim)
+    elif cfg.family == "finalmlp":
+        for key in ("fs1_context", "fs2_context"):
+            missing = [name for name in getattr(block, key) if name not in known]
+            if missing:
+                raise ValueError(f"finalmlp.{key}: no field(s) {missing} in the spec {known}")
+        if block.mlp2_hidden_units is None:
+            block = replace(block, mlp2_hidden_units=cfg.hidden_units)
+    elif cfg.family == "fibinet" and len(known) < 2:
+        raise ValueError(f"family 'fibinet' needs at least two fields to pair; the spec has {known}")
+    return replace(cfg, **{cfg.family: block})
+
+
 def resolve_config(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> ModelConfig:
     """Parse ``config`` and fill the spec-dependent defaults.
 
@@ -545,7 +834,7 @@ def resolve_config(config: dict[str, Any] | ModelConfig, spec: FeatureSpec) -> M
     fields) and the mix defaults (``aggregation="input"``, ``combine="attention"``),
     and checks every field name and every rank ``K <= min(d_in, d_out)``.
     """
-    cfg = _resolve_domains(parse_config(config), spec)
+    cfg = _resolve_family(_resolve_domains(parse_config(config), spec), spec)
     if cfg.apg is None:
         return cfg
     apg = cfg.apg

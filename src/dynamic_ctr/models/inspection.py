@@ -57,11 +57,13 @@ def hidden_memory_bytes(model: nn.Module, batch_size: int) -> int:
     intermediates (v2 and v4 with ``reconstruct``: ``V_i S_i`` and the
     reconstructed ``(B, M, N)`` W_i; v3-v5: two ``(B, K)``). Embeddings, cross
     networks, BatchNorm/activation copies and autograd buffers are not counted. Element size is that of the parameters.
+    FinalMLP's two streams are both counted.
     """
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")
-    dense = getattr(model, "dense", None)
-    if dense is None or not hasattr(dense, "activation_numel"):
+    towers = [getattr(model, name, None) for name in ("dense", "dense2")]  # dense2: FinalMLP's stream 2
+    towers = [t for t in towers if t is not None and hasattr(t, "activation_numel")]
+    if not towers:
         raise ValueError(f"{type(model).__name__} has no dense tower with activation_numel")
     element_size = next(model.parameters()).element_size()
-    return dense.activation_numel(batch_size) * element_size
+    return sum(t.activation_numel(batch_size) for t in towers) * element_size
