@@ -17,6 +17,22 @@ and ``tags`` mean-pooled over their non-pad slots):
   ours_wdl_bf16     ours_wdl with ``TrainConfig(amp=True, amp_dtype="bfloat16")``
   ours_apg_bf16     ours_apg likewise
 
+``--contenders interaction`` runs the interaction backbones instead, each against
+DeepCTR-Torch 0.3.0's own model with the same fields, embedding 16, hidden units
+(256, 128, 64) (the DNN part), layer settings, batch and optimiser, L2 0:
+
+  ours_pnn / deepctr_pnn              PNN* (inner and kernel outer products, kernel mat)
+  ours_xdeepfm / deepctr_xdeepfm      CIN (128, 128), split half, no CIN activation
+                                      (DeepCTR ``cin_activation="linear"``, eq. 6), DNN,
+                                      first-order term
+  ours_autoint / deepctr_autoint      AutoInt: 3 interacting layers, 2 heads, width 16,
+                                      residual, unscaled scores, no DNN, no first-order
+                                      term (DeepCTR given no linear feature columns)
+  ours_autoint_plus / deepctr_autoint_plus   the same with the DNN in parallel (AutoInt+)
+  ours_fibinet / deepctr_fibinet      SENET (reduction 3), bilinear field_interaction
+                                      ("interaction"), DNN on the combination layer,
+                                      first-order term
+
 Measurement: after an untimed warm-up of every contender, ``--rounds`` rounds; in each
 round every contender (in a fresh random order) trains a freshly built model for
 ``--epochs`` epochs with seed ``2024 + round``. Throughput = training rows processed /
@@ -52,6 +68,8 @@ Usage::
     python benchmarks/train_throughput.py                 # 2 threads, 9 rounds x 2 epochs
     python benchmarks/train_throughput.py --quiet 0.2 --rounds 5
     python benchmarks/train_throughput.py --profile ours_wdl,ceiling
+    python benchmarks/train_throughput.py --contenders interaction --rounds 5
+    python benchmarks/train_throughput.py --profile ours_pnn,ours_fibinet
 """
 
 from __future__ import annotations
@@ -98,6 +116,17 @@ RAW = ROOT / "data/01_raw/ml-latest-small"
 EMB, HIDDEN, BATCH, LR = 16, (256, 128, 64), 1024, 0.005
 APG = {"version": "v4", "rank": 4, "generator_layers": 1, "condition": {"mode": "self"}}
 CONTENDERS = ("ours_wdl", "ours_apg", "deepctr_wdl", "ceiling", "ours_wdl_bf16", "ours_apg_bf16")
+# The interaction backbones: our config and DeepCTR-Torch's model with the same settings.
+CIN_SIZES, ATT_LAYERS, ATT_HEADS, SENET_REDUCTION = (128, 128), 3, 2, 3
+AUTOINT = {"attention_layers": ATT_LAYERS, "attention_heads": ATT_HEADS, "attention_dim": EMB, "attention_residual": True}
+INTERACTION_MODELS = {
+    "pnn": {"family": "pnn", "pnn": {"product": "both", "kernel": "mat"}},
+    "xdeepfm": {"family": "xdeepfm", "xdeepfm": {"cin_layer_sizes": list(CIN_SIZES), "cin_split_half": True}},
+    "autoint": {"family": "autoint", "dnn": False, "autoint": AUTOINT},
+    "autoint_plus": {"family": "autoint", "autoint": AUTOINT},
+    "fibinet": {"family": "fibinet", "fibinet": {"senet_reduction": SENET_REDUCTION, "bilinear_type": "field_interaction"}},
+}
+INTERACTION = tuple(f"{who}_{m}" for m in INTERACTION_MODELS for who in ("ours", "deepctr"))
 
 
 # ----------------------------------------------------------------------------- machine
@@ -239,17 +268,33 @@ def deepctr_inputs(spec: FeatureSpec, cols: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def deepctr_model(spec: FeatureSpec, seed: int):
+def deepctr_model(spec: FeatureSpec, seed: int, kind: str = "wdl"):
+    from deepctr_torch import models
     from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
-    from deepctr_torch.models import WDL
 
     columns = [SparseFeat(f.name, vocabulary_size=f.vocab_size, embedding_dim=EMB) for f in spec.categorical]
     columns += [
         VarLenSparseFeat(SparseFeat(f.name, vocabulary_size=f.vocab_size, embedding_dim=EMB), maxlen=f.max_len, combiner="mean")
         for f in spec.sequences
     ]
-    model = WDL(columns, columns, dnn_hidden_units=HIDDEN, l2_reg_linear=0.0, l2_reg_embedding=0.0,
-                l2_reg_dnn=0.0, seed=seed, task="binary", device="cpu")
+    common = {"l2_reg_embedding": 0.0, "seed": seed, "task": "binary", "device": "cpu"}
+    if kind == "wdl":
+        model = models.WDL(columns, columns, dnn_hidden_units=HIDDEN, l2_reg_linear=0.0, l2_reg_dnn=0.0, **common)
+    elif kind == "pnn":
+        model = models.PNN(columns, dnn_hidden_units=HIDDEN, l2_reg_dnn=0.0, use_inner=True, use_outter=True,
+                           kernel_type="mat", **common)
+    elif kind == "xdeepfm":
+        model = models.xDeepFM(columns, columns, dnn_hidden_units=HIDDEN, cin_layer_size=CIN_SIZES, cin_split_half=True,
+                               cin_activation="linear", l2_reg_linear=0.0, l2_reg_dnn=0.0, l2_reg_cin=0.0, **common)
+    elif kind in ("autoint", "autoint_plus"):
+        # no linear feature columns: AutoInt (eq. 9) has no first-order term
+        model = models.AutoInt([], columns, att_layer_num=ATT_LAYERS, att_head_num=ATT_HEADS, att_res=True,
+                               dnn_hidden_units=HIDDEN if kind == "autoint_plus" else (), l2_reg_dnn=0.0, **common)
+    elif kind == "fibinet":
+        model = models.FiBiNET(columns, columns, bilinear_type="interaction", reduction_ratio=SENET_REDUCTION,
+                               dnn_hidden_units=HIDDEN, l2_reg_linear=0.0, l2_reg_dnn=0.0, **common)
+    else:
+        raise ValueError(f"unknown DeepCTR model {kind!r}")
     model.compile(torch.optim.Adam(model.parameters(), lr=LR), "binary_crossentropy")
     return model
 
@@ -279,6 +324,8 @@ def make_runners(spec, train_cols, valid_cols, tr: TensorData, va: TensorData, e
         "ours_wdl_bf16": ours(wdl, True),
         "ours_apg_bf16": ours(apg, True),
     }
+    for kind, settings in INTERACTION_MODELS.items():
+        runners[f"ours_{kind}"] = ours({"embedding_dim": EMB, "hidden_units": list(HIDDEN), **settings}, False)
 
     def ceiling(seed: int, data: TensorData) -> tuple[float, float]:
         with torch.random.fork_rng(devices=[]):
@@ -303,18 +350,22 @@ def make_runners(spec, train_cols, valid_cols, tr: TensorData, va: TensorData, e
     x_train, x_valid = deepctr_inputs(spec, train_cols), deepctr_inputs(spec, valid_cols)
     y_train = train_cols[spec.label].astype(np.float32)
 
-    def deepctr(seed: int, data: TensorData) -> tuple[float, float]:
-        n = len(data)
-        xs = {k: v[:n] for k, v in x_train.items()}
-        with contextlib.redirect_stdout(io.StringIO()):  # fit prints the device and a header
-            model = deepctr_model(spec, seed)
-            t0 = time.perf_counter()
-            model.fit(xs, y_train[:n], batch_size=BATCH, epochs=epochs, verbose=0)
-            seconds = time.perf_counter() - t0
-            probs = model.predict(dict(x_valid), batch_size=4 * BATCH).ravel()
-        return n * epochs / seconds, auc(valid_cols[spec.label], probs)
+    def deepctr(kind: str) -> Callable[[int, TensorData], tuple[float, float]]:
+        def run(seed: int, data: TensorData) -> tuple[float, float]:
+            n = len(data)
+            xs = {k: v[:n] for k, v in x_train.items()}
+            with contextlib.redirect_stdout(io.StringIO()):  # fit prints the device and a header
+                model = deepctr_model(spec, seed, kind)
+                t0 = time.perf_counter()
+                model.fit(xs, y_train[:n], batch_size=BATCH, epochs=epochs, verbose=0)
+                seconds = time.perf_counter() - t0
+                probs = model.predict(dict(x_valid), batch_size=4 * BATCH).ravel()
+            return n * epochs / seconds, auc(valid_cols[spec.label], probs)
 
-    runners["deepctr_wdl"] = deepctr
+        return run
+
+    for kind in ("wdl", *INTERACTION_MODELS):
+        runners[f"deepctr_{kind}"] = deepctr(kind)
     return runners
 
 
@@ -331,8 +382,13 @@ def profile_steps(name: str, spec: FeatureSpec, tr: TensorData, steps: int = 30,
         cfg = {"family": "wdl", "embedding_dim": EMB, "hidden_units": list(HIDDEN)}
         model = build_model({**cfg, "apg": APG} if name == "ours_apg" else cfg, spec)
         opt = make_optimizer(model, TrainConfig(lr=LR), torch.device("cpu"))
+    elif name.removeprefix("ours_") in INTERACTION_MODELS:
+        settings = INTERACTION_MODELS[name.removeprefix("ours_")]
+        model = build_model({"embedding_dim": EMB, "hidden_units": list(HIDDEN), **settings}, spec)
+        opt = make_optimizer(model, TrainConfig(lr=LR), torch.device("cpu"))
     else:
-        raise SystemExit(f"--profile: {name!r} is not one of ours_wdl, ours_apg, ceiling")
+        ours = ", ".join(f"ours_{k}" for k in INTERACTION_MODELS)
+        raise SystemExit(f"--profile: {name!r} is not one of ours_wdl, ours_apg, ceiling, {ours}")
     xb, yb = tr.x[:BATCH], tr.y[:BATCH]
 
     def step() -> None:
@@ -360,11 +416,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated contenders, or 'interaction' for the interaction backbones "
+                             "against DeepCTR-Torch's")
     parser.add_argument("--skip-deepctr", action="store_true")
     add_quiet_arguments(parser, "run", timeout=15.0, budget=120.0)
     parser.add_argument("--profile", default="",
-                        help="comma-separated contenders (ours_wdl, ours_apg, ceiling) to profile instead of the rounds")
+                        help="comma-separated contenders (ours_wdl, ours_apg, ceiling, ours_<interaction model>) "
+                             "to profile instead of the rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -378,11 +437,14 @@ def main() -> None:
             profile_steps(name, spec, tr)
         return
     runners = make_runners(spec, train_cols, valid_cols, tr, va, args.epochs)
-    names = [c for c in args.contenders.split(",") if c]
+    names = list(INTERACTION) if args.contenders == "interaction" else [c for c in args.contenders.split(",") if c]
+    unknown = [n for n in names if n not in runners and not n.startswith("deepctr_")]
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {unknown}; known: {sorted(runners)} or 'interaction'")
     if args.skip_deepctr or "deepctr_wdl" not in runners:
-        if "deepctr_wdl" in names and not args.skip_deepctr:
+        if any(n.startswith("deepctr_") for n in names) and not args.skip_deepctr:
             print("deepctr-torch is not installed: pip install deepctr-torch==0.3.0 --no-deps")
-        names = [n for n in names if n != "deepctr_wdl"]
+        names = [n for n in names if not n.startswith("deepctr_")]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -390,6 +452,10 @@ def main() -> None:
           f"{spec.num_slots} slots")
     print(f"runs: {args.rounds} rounds x {args.epochs} epochs, batch {BATCH}, Adam lr {LR}, emb {EMB}, "
           f"hidden {list(HIDDEN)}")
+    if any(n.removeprefix("ours_").removeprefix("deepctr_") in INTERACTION_MODELS for n in names):
+        print(f"interaction settings: PNN inner + outer (kernel mat); CIN {list(CIN_SIZES)} split half, linear; "
+              f"AutoInt {ATT_LAYERS} layers x {ATT_HEADS} heads, width {EMB}, residual; FiBiNET SENET r={SENET_REDUCTION}, "
+              "bilinear field_interaction")
 
     t_start = time.perf_counter()
     warm = TensorData(tr.x[: 8 * BATCH], tr.y[: 8 * BATCH])
@@ -445,6 +511,9 @@ def main() -> None:
         ("ours_wdl_bf16", "ours_wdl", None, "ours WDL bf16 / float32"),
         ("ours_apg_bf16", "ours_apg", None, "ours WDL+APG bf16 / float32"),
     ]
+    for kind, label in (("pnn", "PNN"), ("xdeepfm", "xDeepFM"), ("autoint", "AutoInt"),
+                        ("autoint_plus", "AutoInt+"), ("fibinet", "FiBiNET")):
+        checks.append((f"ours_{kind}", f"deepctr_{kind}", 1.5, f"ours {label} / DeepCTR {label}"))
     for a, b, target, label in checks:
         v = ratio(a, b)
         if math.isnan(v):

@@ -32,12 +32,44 @@ sooner), and queues a retry with the same params (``max_retry`` times). With
 directory, so it continues from that trial's last completed epoch (user attrs
 ``retry_of`` and ``resumed_from_epoch``). A trial's directory is deleted once the
 trial has finished (COMPLETE, PRUNED, or FAIL by an exception); directories no
-running or queued trial needs are deleted when the study is opened. Without an RDB
-storage nothing is checkpointed (an in-memory study cannot be resumed).
+running or queued trial needs are deleted when the study is opened. Without a
+persistent (RDB or journal) storage nothing is checkpointed (an in-memory study cannot
+be resumed). Checkpoints are local files: a trial retried on another machine than the
+one it was killed on starts from its first epoch.
 
 A sampler's random state is not stored, so the params TPE draws after a restart are
 not those an uninterrupted study would have drawn (queued and retried trials keep
 theirs).
+
+**Storages.** ``StudyConfig.storage``: ``None`` (in memory), an RDB URL (SQLAlchemy:
+``sqlite:///data/06_models/optuna.db`` on one machine, ``postgresql://user@host/db`` for
+workers on several machines; needs a driver such as ``psycopg2-binary``), or
+``journal:///data/06_models/optuna.journal`` for Optuna's ``JournalStorage`` over a
+file (``JournalFileBackend``): several processes on *one* machine without a database
+server. As with sqlite URLs, ``journal:///rel/path`` is relative to the working
+directory and ``journal:////abs/path`` absolute. The journal storage has no heartbeats:
+there, a RUNNING trial counts as dead when the process named by its ``worker`` user attr
+(``<host>:<pid>``, set when the trial starts) no longer exists on this machine; it is then
+marked FAIL and retried like a stale heartbeat (trials of another machine, or of a
+process killed before it recorded itself, stay RUNNING).
+
+**Workers.** :func:`tune_worker` (:func:`run_worker`; the command is
+:mod:`dynamic_ctr.training.worker`) is one of N processes, on one or several machines,
+that run one study in a shared storage until it holds ``n_trials`` finished trials *in
+total*. Their trials are fixed up front: the process that creates the study queues
+``n_trials`` trials (:func:`planned_params`: planned trial 0 is the base config, planned
+trial ``i`` is drawn by a ``RandomSampler`` seeded with ``(seed, i)`` alone), and every
+worker only takes queued trials (taking one is atomic in the storage, so none runs
+twice) and stops when none is left and none is running elsewhere. So neither the
+params of a trial nor which trials run depend on how many workers there are or which
+finished first, and with a deterministic objective (CPU, one seed) the study's best trial
+is the one a single worker finds. Not TPE: TPE's next params depend on the trials
+finished so far, which differ from worker to worker. What still depends on timing is
+pruning (the median pruner compares a trial with the trials reported so far; with
+``pruner="none"`` the whole study is independent of the schedule). A killed worker's
+trial is failed (heartbeat, or the journal's process check) and queued again with the
+same params (``max_retry``); a trial that fails (a diverging loss) or runs out of retries
+is replaced by the next planned trial, so the study still reaches ``n_trials``.
 
 Requires optuna (imported at module level: ``dynamic_ctr.training`` loads this
 module lazily).
@@ -47,11 +79,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import inspect
 import json
 import logging
 import math
 import os
+import random
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -77,12 +112,17 @@ __all__ = [
     "decode_params",
     "finished_trials",
     "fit",
+    "journal_path",
+    "make_objective",
+    "planned_params",
     "run_study",
+    "run_worker",
     "study_checkpoint_dir",
     "suggest",
     "trial_checkpoint_dir",
     "trials_table",
     "tune",
+    "tune_worker",
     "validate_space",
 ]
 
@@ -91,6 +131,18 @@ logger = logging.getLogger(__name__)
 _SCALAR = (type(None), bool, int, float, str)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 _PENDING = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+_JOURNAL = "journal:///"
+#: Trial user attr naming the process that runs it, ``<host>:<pid>``.
+WORKER_ATTR = "worker"
+#: Trial user attr of a worker study's queued trials: the index of its planned params.
+PLANNED_ATTR = "planned"
+#: Study user attr set once the process that created a worker study has queued its trials.
+PLAN_ATTR = "worker_plan"
+#: Trial user attr of a worker's trial that raised: the exception (it will not be retried).
+ERROR_ATTR = "error"
+#: Seconds a journal file's lock may stay untouched before another process takes it over
+#: (one append holds it for milliseconds; a process killed meanwhile never releases it).
+JOURNAL_LOCK_GRACE = 5
 # optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback (RDBStorage's
 # heartbeat_stale_trial_callback); earlier 4.x: RetryFailedTrialCallback (failed_trial_callback)
 _RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
@@ -251,8 +303,10 @@ class StudyConfig:
 
     Args:
         study_name: the study's name in storage (one name per model variant).
-        storage: ``None`` for in-memory, else an RDB URL such as
-            ``"sqlite:///data/06_models/optuna.db"`` (parent dirs are created).
+        storage: ``None`` for in-memory, an RDB URL such as
+            ``"sqlite:///data/06_models/optuna.db"`` or ``"postgresql://u@host/db"``, or
+            ``"journal:///data/06_models/optuna.journal"`` (a journal file; module
+            docstring). Parent dirs of sqlite and journal files are created.
         n_trials: finished (COMPLETE or PRUNED) trials the study should hold in total.
         timeout: stop starting new trials after this many seconds; ``None`` = no limit.
         seed: seed of the ``TPESampler``.
@@ -264,9 +318,10 @@ class StudyConfig:
         verbose: keep Optuna's per-trial INFO logs.
         checkpoint_dir: root of the trials' resume directories
             (``<checkpoint_dir>/<study_name>/trial_<n>``, module docstring); ``None``
-            = no checkpoints. Used only with an RDB ``storage``.
+            = no checkpoints. Used only with a persistent (RDB or journal) ``storage``.
         heartbeat_interval: seconds between a running trial's heartbeats in an RDB
             storage; ``None`` = no heartbeat (a killed trial then stays RUNNING).
+            Unused by a journal storage (it has none; see the module docstring).
         grace_period: seconds without a heartbeat after which a RUNNING trial is
             considered dead and marked FAIL; ``None`` = ``2 * heartbeat_interval``.
             Must exceed ``heartbeat_interval``.
@@ -302,6 +357,8 @@ class StudyConfig:
             raise ValueError(f"{self.direction=} must be 'maximize' or 'minimize'")
         if self.n_startup_trials < 0 or self.n_warmup_steps < 0:
             raise ValueError(f"{self.n_startup_trials=} and {self.n_warmup_steps=} must be >= 0")
+        if self.storage is not None and self.storage.startswith("journal:"):
+            journal_path(self.storage)  # a malformed journal URL fails here
         if self.checkpoint_dir is not None and not (isinstance(self.checkpoint_dir, (str, os.PathLike)) and str(self.checkpoint_dir)):
             raise ValueError(f"{self.checkpoint_dir=} must be a non-empty path or None")
         for name, low in (("heartbeat_interval", 1), ("grace_period", 1), ("max_retry", 0)):
@@ -322,13 +379,68 @@ class StudyConfig:
         return self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
 
 
+def journal_path(storage: str | None) -> Path | None:
+    """The file of a ``journal:///<path>`` storage URL (``journal:///rel/path`` relative to
+    the working directory, ``journal:////abs/path`` absolute, as sqlite URLs); ``None`` for
+    any other storage.
+
+    Raises:
+        ValueError: a ``journal:`` URL without a path after ``journal:///``.
+    """
+    if storage is None or not storage.startswith("journal:"):
+        return None
+    path = storage.removeprefix(_JOURNAL) if storage.startswith(_JOURNAL) else ""
+    if not path:
+        raise ValueError(f"storage {storage!r}: a journal storage is 'journal:///<file>' (e.g. journal:///data/06_models/optuna.journal)")
+    return Path(path)
+
+
 def _prepare_storage(storage: str | None) -> None:
-    """Create the parent directory of a sqlite database file."""
+    """Create the parent directory of a sqlite database or journal file."""
+    journal = journal_path(storage)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return
     if storage is None or not storage.startswith("sqlite:///"):
         return
     db = storage.removeprefix("sqlite:///").split("?", 1)[0]
     if db and db != ":memory:":
         Path(db).parent.mkdir(parents=True, exist_ok=True)
+
+
+class QueueEmpty(RuntimeError):
+    """A worker's study has no queued (WAITING) trial left to take."""
+
+
+class _QueuedTrialsOnly:
+    """Storage mixin of :func:`run_worker`: refuses to create a trial that copies no
+    template. ``Study.ask`` creates such a trial (for the sampler to fill) only when it
+    found no WAITING trial to take; ``enqueue_trial``, ``add_trial`` and the retry of a
+    killed trial all copy a template and pass. So a worker whose queue ran dry (another
+    worker took the last trial between its check and its ask) gets :class:`QueueEmpty`
+    instead of an extra, unplanned trial."""
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        if template_trial is None:
+            raise QueueEmpty(f"study id {study_id}: no queued trial left")
+        return super().create_new_trial(study_id, template_trial)  # type: ignore[misc]
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:  # what optuna's RDB cache calls
+        if template_trial is None:
+            raise QueueEmpty(f"study id {study_id}: no queued trial left")
+        return super()._create_new_trial(study_id, template_trial)  # type: ignore[misc]
+
+
+class _WorkerRDBStorage(_QueuedTrialsOnly, optuna.storages.RDBStorage):
+    pass
+
+
+class _WorkerJournalStorage(_QueuedTrialsOnly, optuna.storages.JournalStorage):
+    pass
+
+
+def _has_heartbeat(cfg: StudyConfig) -> bool:
+    return cfg.storage is not None and journal_path(cfg.storage) is None and cfg.heartbeat_interval is not None
 
 
 @contextmanager
@@ -339,26 +451,50 @@ def _quiet_experimental() -> Iterator[None]:
         yield
 
 
-def _make_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage | None:
-    """``None`` (in memory), or the RDB storage of ``cfg.storage`` with heartbeats and
-    retries of killed trials when ``cfg.heartbeat_interval`` is set."""
+def _make_storage(cfg: StudyConfig, *, queued_only: bool = False) -> optuna.storages.BaseStorage | None:
+    """``None`` (in memory), the journal storage of a ``journal:///`` URL, or the RDB
+    storage of ``cfg.storage`` with heartbeats and retries of killed trials when
+    ``cfg.heartbeat_interval`` is set. ``queued_only``: a worker's storage
+    (:class:`_QueuedTrialsOnly`)."""
     if cfg.storage is None:
         return None
     _prepare_storage(cfg.storage)
-    if cfg.heartbeat_interval is None:
-        return optuna.storages.RDBStorage(cfg.storage)
-    with _quiet_experimental():
-        return optuna.storages.RDBStorage(
-            cfg.storage,
-            heartbeat_interval=cfg.heartbeat_interval,
-            grace_period=cfg.effective_grace_period,
-            **{_STALE_CALLBACK_ARG: _RetryCallback(max_retry=cfg.max_retry)},
-        )
+    journal = journal_path(cfg.storage)
+    if journal is not None:
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        cls = _WorkerJournalStorage if queued_only else optuna.storages.JournalStorage
+        # A process killed while appending leaves the file's lock behind; the others take
+        # it over after JOURNAL_LOCK_GRACE s (Optuna's default, 30 s, stalls them that long).
+        lock = JournalFileSymlinkLock(str(journal), grace_period=JOURNAL_LOCK_GRACE)
+        return cls(JournalFileBackend(str(journal), lock_obj=lock))
+    rdb = _WorkerRDBStorage if queued_only else optuna.storages.RDBStorage
+    import sqlalchemy.exc
+
+    for attempt in range(1, 6):
+        try:
+            with _quiet_experimental():
+                if cfg.heartbeat_interval is None:
+                    return rdb(cfg.storage)
+                return rdb(
+                    cfg.storage,
+                    heartbeat_interval=cfg.heartbeat_interval,
+                    grace_period=cfg.effective_grace_period,
+                    **{_STALE_CALLBACK_ARG: _RetryCallback(max_retry=cfg.max_retry)},
+                )
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            # N processes opening a new database at once race to create Optuna's tables
+            # (PostgreSQL: a duplicate key in pg_type); the tables exist on the next try.
+            if attempt == 5:
+                raise
+            logger.info("opening storage %s failed (%s); retrying", cfg.storage, type(e).__name__)
+            time.sleep(0.2 * attempt + random.random())
+    raise AssertionError("unreachable")
 
 
 def study_checkpoint_dir(cfg: StudyConfig) -> Path | None:
     """``<checkpoint_dir>/<study_name>``: where a study's runs keep their resume state;
-    ``None`` without ``checkpoint_dir`` or without a persistent (RDB) storage."""
+    ``None`` without ``checkpoint_dir`` or without a persistent (RDB or journal) storage."""
     if cfg.checkpoint_dir is None or cfg.storage is None:
         return None
     return Path(cfg.checkpoint_dir) / cfg.study_name
@@ -399,6 +535,16 @@ def _fail_dead_trials(study: optuna.Study, cfg: StudyConfig) -> None:
     seconds). A trial still beating after that belongs to a live worker and is left
     alone (it is not counted as finished, so this process runs trials of its own).
     """
+    if cfg.storage is not None and journal_path(cfg.storage) is not None:
+        _fail_orphaned_trials(study, cfg)
+        still = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+        if still:
+            logger.warning(
+                "study %r: trial(s) %s are RUNNING in a process alive on this machine, on another machine, "
+                "or killed before it recorded itself (a journal storage has no heartbeats); not touching them",
+                cfg.study_name, still,
+            )  # fmt: skip
+        return
     grace = cfg.effective_grace_period
     if cfg.storage is None or grace is None or cfg.heartbeat_interval is None:
         return
@@ -424,6 +570,62 @@ def _fail_dead_trials(study: optuna.Study, cfg: StudyConfig) -> None:
         numbers = running()
     if numbers:
         logger.warning("study %r: trial(s) %s still running elsewhere; not touching them", cfg.study_name, numbers)
+
+
+def worker_id() -> str:
+    """``<host>:<pid>`` of this process (a trial's ``worker`` user attr)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _fail_orphaned_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
+    """A storage without heartbeats (journal): mark FAIL the RUNNING trials whose worker
+    process (``worker`` user attr) was on this machine and is gone, and queue their retry
+    as a stale heartbeat would (``max_retry``). Only the process whose FAIL the storage
+    took queues the retry. A recycled pid would keep a dead trial RUNNING (not mistaken
+    the other way round)."""
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner_host, sep, pid = str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if not sep or owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
+            continue  # another process failed it first
+        frozen = next(x for x in study.get_trials(deepcopy=False) if x.number == t.number)
+        with _quiet_experimental():
+            _RetryCallback(max_retry=cfg.max_retry)(study, frozen)
+        failed.append(t.number)
+    if failed:
+        logger.warning("study %r: trial(s) %s were RUNNING in processes that are gone; marked FAIL", cfg.study_name, failed)
+    return failed
+
+
+def _fail_dead_trials_now(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Without waiting: fail (and queue again) the trials whose heartbeat went stale, or
+    whose process is gone (journal)."""
+    if _has_heartbeat(cfg):
+        with _quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+    elif cfg.storage is not None and journal_path(cfg.storage) is not None:
+        _fail_orphaned_trials(study, cfg)
 
 
 def _remove_unneeded_checkpoints(study: optuna.Study, cfg: StudyConfig) -> None:
@@ -465,6 +667,18 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=_FINISHED))
 
 
+def _make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def _check_direction(study: optuna.Study, cfg: StudyConfig) -> None:
+    if study.direction.name.lower() != cfg.direction:
+        stored = study.direction.name.lower()
+        raise ValueError(f"study {cfg.study_name!r} in storage is {stored}, but {cfg.direction=}")
+
+
 def run_study(
     objective_fn: Callable[[optuna.Trial], float],
     cfg: StudyConfig,
@@ -490,27 +704,16 @@ def run_study(
     """
     storage = _make_storage(cfg)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
-    pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
-        )
-        if cfg.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
     with _optuna_verbosity(cfg.verbose):
         study = optuna.create_study(
             storage=storage,
             sampler=sampler,
-            pruner=pruner,
+            pruner=_make_pruner(cfg),
             study_name=cfg.study_name,
             direction=cfg.direction,
             load_if_exists=True,
         )
-        if study.direction.name.lower() != cfg.direction:
-            stored = study.direction.name.lower()
-            raise ValueError(
-                f"study {cfg.study_name!r} in storage is {stored}, but {cfg.direction=}"
-            )
+        _check_direction(study, cfg)
         if first_params and not study.trials:
             study.enqueue_trial(dict(first_params))
         _fail_dead_trials(study, cfg)  # before counting: a killed trial becomes FAIL + a queued retry
@@ -524,6 +727,8 @@ def run_study(
         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [_log_trial]
         if study_checkpoint_dir(cfg) is not None:
             callbacks.append(functools.partial(_remove_finished_checkpoint, cfg))
+        # tuning workers may fill the same study meanwhile: stop once it holds n_trials
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.n_trials, states=_FINISHED))
         if remaining > 0:
             with _quiet_experimental():
                 study.optimize(
@@ -626,6 +831,66 @@ def seeded_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**copy.deepcopy(dict(config["model"])), "seed": TrainConfig.from_dict(config["train"]).seed}
 
 
+def _check_tune_inputs(base_config: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]], study_cfg: StudyConfig) -> None:
+    if study_cfg.direction != "maximize":
+        raise ValueError(f"{study_cfg.direction=}: tune maximises validation AUC")
+    for section in ("model", "train"):
+        if not isinstance(base_config.get(section), Mapping):
+            raise ValueError(f"base_config[{section!r}] must be a dict")
+    validate_space(space)
+    # fail on unknown paths before the first trial (value irrelevant: path check only)
+    apply_overrides(base_config, {path: None for path in space})
+
+
+def make_objective(
+    base_config: Mapping[str, Any],
+    space: Mapping[str, Mapping[str, Any]],
+    spec: FeatureSpec,
+    train_data: TensorData,
+    valid_data: TensorData,
+    study_cfg: StudyConfig,
+    builder: ModelBuilder | None = None,
+    on_result: Callable[[optuna.Trial, TrainResult], None] | None = None,
+) -> Callable[[optuna.Trial], float]:
+    """The objective of :func:`tune` and :func:`tune_worker` (see :func:`tune`): records
+    the trial's ``worker`` (``<host>:<pid>``), draws its overrides, resumes from its
+    checkpoint, trains with pruning, records ``best_epoch``, ``history`` and
+    ``overrides``, calls ``on_result(trial, result)`` and returns the best validation AUC."""
+    if builder is None:
+        from dynamic_ctr.models import build_model as builder
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        overrides = suggest(trial, space)
+        config = apply_overrides(base_config, overrides)
+        checkpoint = trial_checkpoint_dir(study_cfg, trial)
+        if checkpoint is not None:
+            retry_of = _retry_of(_frozen(trial))
+            manifest = read_manifest(checkpoint)
+            resumed = manifest["epoch"] if manifest is not None else 0
+            if retry_of is not None:
+                trial.set_user_attr("retry_of", retry_of)
+            if retry_of is not None or resumed:
+                trial.set_user_attr("resumed_from_epoch", resumed)
+            if resumed:
+                logger.info("trial %d resumes %s after epoch %d", trial.number, checkpoint, resumed)
+
+        def on_epoch_end(epoch: int, val_auc: float) -> None:
+            trial.report(val_auc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
+
+        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("history", result.history)
+        trial.set_user_attr("overrides", overrides)
+        if on_result is not None:
+            on_result(trial, result)
+        return result.best_val_auc
+
+    return objective
+
+
 def tune(
     base_config: Mapping[str, Any],
     space: Mapping[str, Mapping[str, Any]],
@@ -669,41 +934,10 @@ def tune(
     """
     if builder is None:
         from dynamic_ctr.models import build_model as builder
-    if study_cfg.direction != "maximize":
-        raise ValueError(f"{study_cfg.direction=}: tune maximises validation AUC")
-    for section in ("model", "train"):
-        if not isinstance(base_config.get(section), Mapping):
-            raise ValueError(f"base_config[{section!r}] must be a dict")
-    validate_space(space)
-    # fail on unknown paths before the first trial (value irrelevant: path check only)
-    apply_overrides(base_config, {path: None for path in space})
-
+    _check_tune_inputs(base_config, space, study_cfg)
     best: dict[str, Any] = {"value": -math.inf, "number": None, "state": None, "history": None}
 
-    def objective(trial: optuna.Trial) -> float:
-        overrides = suggest(trial, space)
-        config = apply_overrides(base_config, overrides)
-        checkpoint = trial_checkpoint_dir(study_cfg, trial)
-        if checkpoint is not None:
-            retry_of = _retry_of(_frozen(trial))
-            manifest = read_manifest(checkpoint)
-            resumed = manifest["epoch"] if manifest is not None else 0
-            if retry_of is not None:
-                trial.set_user_attr("retry_of", retry_of)
-            if retry_of is not None or resumed:
-                trial.set_user_attr("resumed_from_epoch", resumed)
-            if resumed:
-                logger.info("trial %d resumes %s after epoch %d", trial.number, checkpoint, resumed)
-
-        def on_epoch_end(epoch: int, val_auc: float) -> None:
-            trial.report(val_auc, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
-
-        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint)
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("history", result.history)
-        trial.set_user_attr("overrides", overrides)
+    def keep_best(trial: optuna.Trial, result: TrainResult) -> None:
         if result.best_val_auc > best["value"]:
             best.update(
                 value=result.best_val_auc,
@@ -713,8 +947,8 @@ def tune(
                     k: v.detach().to("cpu", copy=True) for k, v in result.model.state_dict().items()
                 },
             )
-        return result.best_val_auc
 
+    objective = make_objective(base_config, space, spec, train_data, valid_data, study_cfg, builder, on_result=keep_best)
     study = run_study(
         objective, study_cfg, catch=(NonFiniteLossError,), first_params=base_params(base_config, space)
     )
@@ -752,3 +986,239 @@ def tune(
         best_history=history,
         retrained=retrained,
     )
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _index_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big")
+
+
+def planned_params(
+    base_config: Mapping[str, Any], space: Mapping[str, Mapping[str, Any]], seed: int, index: int
+) -> dict[str, Any]:
+    """The Optuna params of planned trial ``index`` of a worker study.
+
+    Drawn by a ``RandomSampler`` seeded with ``(seed, index)`` alone, so they depend on
+    nothing that happened in the study; index 0 takes the base config's values where they
+    lie inside the space (:func:`base_params`), as :func:`tune`'s first trial does.
+    """
+    validate_space(space)
+    with _optuna_verbosity(False):
+        draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=_index_seed(seed, index)))
+    if index == 0:
+        draw.enqueue_trial(base_params(base_config, space))
+    trial = draw.ask()
+    suggest(trial, space)
+    return dict(trial.params)
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(params), sort_keys=True, default=str)
+
+
+def _top_up(study: optuna.Study, cfg: StudyConfig, plan: Callable[[int], dict[str, Any]]) -> int:
+    """Queue planned trials until the study's finished, running and queued trials
+    together number ``cfg.n_trials``; returns how many were queued.
+
+    Planned indices already in the study are skipped (a failed one would fail again),
+    and so are params some trial already has (e.g. the base config, run first by a
+    ``kedro run`` that began the study). At most ``2 * n_trials`` planned indices are
+    ever used, so a study whose trials keep failing ends.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+    def retry_due(t: optuna.trial.FrozenTrial) -> bool:
+        """A FAIL trial of a killed worker whose retry is being queued (by the process
+        that failed it) but is not there yet: counted, so no replacement races it."""
+        if t.state != optuna.trial.TrialState.FAIL or ERROR_ATTR in t.user_attrs or t.number in retried:
+            return False
+        return cfg.max_retry is None or len(t.system_attrs.get("retry_history", [])) < cfg.max_retry
+
+    live = sum(t.state in (*_FINISHED, *_PENDING) or retry_due(t) for t in trials)
+    need = cfg.n_trials - live
+    if need <= 0:
+        return 0
+    used = {t.user_attrs.get(PLANNED_ATTR) for t in trials}
+    seen = {_params_key(t.system_attrs.get("fixed_params", t.params)) for t in trials}
+    added, index = 0, 0
+    while added < need and index < 2 * cfg.n_trials:
+        if index not in used:
+            params = plan(index)
+            if _params_key(params) not in seen:
+                study.enqueue_trial(params, user_attrs={PLANNED_ATTR: index})
+                seen.add(_params_key(params))
+                added += 1
+        index += 1
+    if added:
+        logger.info("study %r: queued %d planned trial(s)", cfg.study_name, added)
+    return added
+
+
+def _open_worker_study(
+    cfg: StudyConfig, plan: Callable[[int], dict[str, Any]], plan_wait: float
+) -> optuna.Study:
+    """Create the study and queue its planned trials, or load it once its creator has
+    queued them (the study user attr ``worker_plan``). Creating a study is atomic in
+    the storage, so exactly one of N workers started at once queues the plan."""
+    storage = _make_storage(cfg, queued_only=True)
+    if storage is None:
+        raise ValueError(f"study {cfg.study_name!r}: tuning workers need a shared storage (StudyConfig.storage)")
+    kwargs = {
+        "storage": storage,
+        "study_name": cfg.study_name,
+        # never consulted: every trial a worker takes was queued with all its params
+        "sampler": optuna.samplers.RandomSampler(seed=cfg.seed),
+        "pruner": _make_pruner(cfg),
+    }
+    try:
+        study = optuna.create_study(direction=cfg.direction, load_if_exists=False, **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+        _check_direction(study, cfg)
+        deadline = time.monotonic() + plan_wait
+        while PLAN_ATTR not in study.user_attrs:
+            if any(PLANNED_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False)):
+                logger.info("study %r was begun by a single-process run; topping it up with planned trials", cfg.study_name)
+                break
+            if time.monotonic() > deadline:
+                logger.warning("study %r: its creator queued no plan within %.0fs; topping it up", cfg.study_name, plan_wait)
+                break
+            time.sleep(0.2)
+        _top_up(study, cfg, plan)  # the plan may now ask for more trials than when the study began
+        return study
+    _top_up(study, cfg, plan)
+    study.set_user_attr(PLAN_ATTR, {"n_trials": cfg.n_trials, "seed": cfg.seed})
+    return study
+
+
+def run_worker(
+    objective_fn: Callable[[optuna.Trial], float],
+    cfg: StudyConfig,
+    plan: Callable[[int], dict[str, Any]],
+    *,
+    catch: tuple[type[Exception], ...] = (),
+    poll_interval: float = 1.0,
+    plan_wait: float = 60.0,
+) -> optuna.Study:
+    """Run queued trials of ``cfg.study_name`` until the study holds ``cfg.n_trials``
+    finished (COMPLETE or PRUNED) trials, counting every worker's (module docstring).
+
+    The first worker creates the study and queues ``plan(0) ... plan(n_trials - 1)``
+    (``plan(i)``: Optuna params of planned trial ``i``, e.g. :func:`planned_params`).
+    Then, in a loop: fail the trials of dead workers (stale heartbeat; journal: process
+    gone), which queues their retries; stop if the study holds ``n_trials`` finished
+    trials or ``cfg.timeout`` seconds have passed; else take a queued trial and run it.
+    With nothing queued, it queues replacements for failed trials, or waits
+    (``poll_interval``) while trials run elsewhere: they finish, or their worker died
+    and they come back as retries. It also stops when nothing is queued or running and
+    no planned trial is left (every one failed). A trial interrupted in this process
+    (Ctrl-C, or SIGTERM made into ``KeyboardInterrupt`` as the worker command does) is
+    FAIL and queued again before the interrupt propagates.
+
+    Args:
+        objective_fn: maps an ``optuna.Trial`` to its objective value.
+        cfg: study settings; ``storage`` is required (shared by the workers).
+        plan: ``index -> params`` of the planned trials; must be the same in every worker.
+        catch: exception types that fail a trial without stopping the worker.
+        poll_interval: seconds between looks at the study while waiting.
+        plan_wait: longest wait (s) for the study's creator to queue its plan.
+    """
+    with _optuna_verbosity(cfg.verbose):
+        study = _open_worker_study(cfg, plan, plan_wait)
+        _remove_unneeded_checkpoints(study, cfg)
+        current: dict[str, int | None] = {"number": None}
+
+        def objective(trial: optuna.Trial) -> float:
+            current["number"] = trial.number
+            try:
+                return objective_fn(trial)
+            except optuna.TrialPruned:
+                raise
+            except Exception as e:  # FAIL for good: replaced by the next planned trial, not retried
+                trial.set_user_attr(ERROR_ATTR, repr(e)[:1000])
+                raise
+
+        ended: list[optuna.trial.FrozenTrial] = []
+        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [_log_trial, lambda s, t: ended.append(t)]
+        if study_checkpoint_dir(cfg) is not None:
+            callbacks.append(functools.partial(_remove_finished_checkpoint, cfg))
+        deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
+        waiting_logged = False
+        while True:
+            _fail_dead_trials_now(study, cfg)
+            done = finished_trials(study)
+            if done >= cfg.n_trials:
+                logger.info("study %r holds %d finished trial(s) (n_trials=%d): done", cfg.study_name, done, cfg.n_trials)
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("study %r: timeout=%ss reached with %d of %d trial(s) finished", cfg.study_name, cfg.timeout, done, cfg.n_trials)
+                break
+            try:
+                with _quiet_experimental():
+                    study.optimize(objective, n_trials=1, catch=catch, callbacks=callbacks)
+            except QueueEmpty:
+                pass
+            except KeyboardInterrupt:
+                _requeue_interrupted(study, cfg, current["number"])
+                raise
+            else:
+                waiting_logged = False
+                if ended and ended[-1].state == optuna.trial.TrialState.FAIL:
+                    _top_up(study, cfg, plan)  # a diverging trial: queue the next planned one
+                continue
+            if _top_up(study, cfg, plan):
+                continue
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+            if not running:
+                logger.warning(
+                    "study %r: %d of %d trial(s) finished, nothing queued or running, and no planned trial left",
+                    cfg.study_name, done, cfg.n_trials,
+                )  # fmt: skip
+                break
+            if not waiting_logged:
+                logger.info("study %r: nothing queued; waiting for trial(s) %s running elsewhere", cfg.study_name, running)
+                waiting_logged = True
+            time.sleep(poll_interval)
+    return study
+
+
+def _requeue_interrupted(study: optuna.Study, cfg: StudyConfig, number: int | None) -> None:
+    """Queue again (same params, ``max_retry``) the trial this process was running when
+    interrupted; Optuna has already marked it FAIL."""
+    if number is None:
+        return
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != optuna.trial.TrialState.FAIL:
+        return
+    with _quiet_experimental():
+        _RetryCallback(max_retry=cfg.max_retry)(study, trial)
+    logger.warning("study %r: trial %d interrupted; queued again", cfg.study_name, number)
+
+
+def tune_worker(
+    base_config: Mapping[str, Any],
+    space: Mapping[str, Mapping[str, Any]],
+    spec: FeatureSpec,
+    train_data: TensorData,
+    valid_data: TensorData,
+    study_cfg: StudyConfig,
+    builder: ModelBuilder | None = None,
+    *,
+    poll_interval: float = 1.0,
+) -> optuna.Study:
+    """One tuning worker of the study ``study_cfg.study_name`` (module docstring): the
+    trials of :func:`tune` (same objective, resume directories and pruning), but only
+    planned ones (:func:`planned_params` with ``study_cfg.seed``), shared with every other
+    worker through ``study_cfg.storage``, until the study holds ``n_trials`` finished
+    trials. Returns the study; the best model is not kept (the training node retrains
+    the best trial's params when it finds the study complete).
+    """
+    _check_tune_inputs(base_config, space, study_cfg)
+    if study_cfg.storage is None:
+        raise ValueError("tune_worker needs study_cfg.storage: the storage the workers share")
+    objective = make_objective(base_config, space, spec, train_data, valid_data, study_cfg, builder)
+    plan = functools.partial(planned_params, base_config, space, study_cfg.seed)
+    return run_worker(objective, study_cfg, plan, catch=(NonFiniteLossError,), poll_interval=poll_interval)

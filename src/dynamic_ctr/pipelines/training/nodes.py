@@ -41,6 +41,21 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def variant_train_frame(train_frame: pd.DataFrame, entry: dict[str, Any]) -> pd.DataFrame:
+    """The training rows of a planned variant: the first ``train_rows`` when the plan caps them."""
+    return train_frame.iloc[: int(entry["train_rows"])] if entry.get("train_rows") else train_frame
+
+
+def variant_study_name(variant_name: str, entry: dict[str, Any], feature_spec: dict[str, Any], train_rows: int, valid_rows: int) -> str:
+    """``<variant>-<fingerprint>``: the study a planned variant tunes in, from the feature spec,
+    the row counts it trains and validates on (after :func:`variant_train_frame`), its base
+    config, search space and study seed. The training node and the tuning worker
+    (:mod:`dynamic_ctr.training.worker`) both name their study with this."""
+    base = {"model": entry["model"], "train": entry["train"]}
+    fingerprint = _fingerprint(feature_spec, train_rows, valid_rows, base, entry["search_space"], entry["study"].get("seed"))
+    return f"{variant_name}-{fingerprint}"
+
+
 def not_applicable_summary(variant_name: str, entry: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant_name, "status": "not_applicable", "reason": entry["reason"], "compare_to": entry.get("compare_to")}
 
@@ -79,14 +94,13 @@ def train_variant(
         return {}, not_applicable_summary(variant_name, entry), pd.DataFrame(), pd.DataFrame()
     spec = FeatureSpec.from_dict(feature_spec)
     device = resolve_device(device_name)
-    if entry.get("train_rows"):
-        train_frame = train_frame.iloc[: int(entry["train_rows"])]
+    train_frame = variant_train_frame(train_frame, entry)
     train_data = frame_to_tensors(train_frame, spec, device)
     valid_data = frame_to_tensors(valid_frame, spec, device)
     base = {"model": entry["model"], "train": entry["train"]}
     space, seeds = entry["search_space"], entry["seeds"]
-    fingerprint = _fingerprint(feature_spec, len(train_frame), len(valid_frame), base, space, entry["study"].get("seed"))
-    study_cfg = StudyConfig(study_name=f"{variant_name}-{fingerprint}", **entry["study"])
+    study_name = variant_study_name(variant_name, entry, feature_spec, len(train_frame), len(valid_frame))
+    study_cfg = StudyConfig(study_name=study_name, **entry["study"])
     logger.info("variant %s: tuning on %s (%d train rows), study %s", variant_name, device, len(train_data), study_cfg.study_name)
     result = tune(base, space, spec, train_data, valid_data, study_cfg)
 
