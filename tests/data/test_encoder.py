@@ -293,3 +293,16 @@ def test_aggregate_item_lists_reads_training_rows_only(raw_splits, latest_result
             assert list(ts) == expected.get(item, []), item
     # Rows and everything but the aggregated column are untouched.
     pd.testing.assert_frame_equal(new_test.drop(columns="tags"), test.drop(columns="tags"))
+
+
+def test_item_lists_are_a_no_op_without_item_level_columns() -> None:
+    """Criteo and Avazu have no item key and no item-level lists: the frames pass through."""
+    import pandas as pd
+
+    from dynamic_ctr.data.encoder import aggregate_item_lists
+    from dynamic_ctr.data.schema import TableSchema
+
+    schema = TableSchema(label="label", categorical=("c1",))
+    frame = pd.DataFrame({"label": [0, 1], "c1": ["a", "b"]})
+    train, (other,), counts = aggregate_item_lists(frame, [frame], schema)
+    assert train is frame and other is frame and counts == {}

@@ -309,6 +309,8 @@ def item_list_lookup(train: pd.DataFrame, schema: TableSchema) -> ItemLists:
 def apply_item_lists(frame: pd.DataFrame, lookups: ItemLists, schema: TableSchema) -> pd.DataFrame:
     """``frame`` with each ``item_aggregated`` column replaced by its item's list from
     ``lookups`` (an empty list for an item not in it)."""
+    if not lookups:  # no item-level lists (and possibly no item key: Criteo, Avazu)
+        return frame
     list_type = pd.ArrowDtype(pa.list_(pa.string()))
     items = frame[schema.item_key].tolist()
     return frame.assign(**{name: pd.array([lookup.get(i, []) for i in items], dtype=list_type) for name, lookup in lookups.items()})
