@@ -306,3 +306,40 @@ def test_item_lists_are_a_no_op_without_item_level_columns() -> None:
     frame = pd.DataFrame({"label": [0, 1], "c1": ["a", "b"]})
     train, (other,), counts = aggregate_item_lists(frame, [frame], schema)
     assert train is frame and other is frame and counts == {}
+
+
+# ------------------------------------------------------------------ fitting from counts (streaming)
+
+
+@pytest.mark.parametrize("buckets", [4, 16, 32])
+def test_quantile_edges_from_counts_equal_numpy_on_the_expanded_values(latest_table, buckets):
+    """Edges fitted from (value, count) pairs are numpy's ``np.quantile`` of the rows,
+    bit for bit: the streaming fit never expands the counts."""
+    train = latest_table.iloc[:30_000]
+    enc = FeatureEncoder.fit(train, TableSchema(numeric=("timestamp", "year")), EncoderParams(numeric_buckets="quantile", quantile_buckets=buckets))
+    for name in ("timestamp", "year"):
+        v = train[name].astype("float64").to_numpy()
+        v = v[~np.isnan(v)]
+        expected = np.unique(np.quantile(v, np.linspace(0, 1, buckets + 1)[1:-1])).tolist()
+        assert enc.field(name).edges == expected, name
+
+
+@pytest.mark.parametrize("numeric_buckets", ["log", "quantile"])
+def test_counts_of_batches_merged_fit_the_same_encoder_as_the_whole_table(splits, latest_result, params, numeric_buckets):
+    """What the streaming pipeline relies on: counting disjoint batches and merging the
+    counts fits exactly the encoder of the whole training split (vocabulary order, ties,
+    missing values, buckets, quantile edges, automatic max_len)."""
+    from dynamic_ctr.data.encoder import count_fields, merge_counts
+
+    train = splits[0]
+    base = latest_result.schema
+    # The timestamp as a numeric feature too, so numeric buckets are fitted from counts.
+    schema = replace(base, numeric=(*base.numeric, "timestamp"))
+    p = replace(params, numeric_buckets=numeric_buckets, min_count=2)
+    whole = FeatureEncoder.fit(train, schema, p)
+    total = None
+    for start in range(0, len(train), 9_973):  # uneven batches: some values straddle them
+        total = merge_counts(total, count_fields(train.iloc[start : start + 9_973], schema, p))
+    streamed = FeatureEncoder.from_counts(total, schema, p)
+    assert streamed.to_dict() == whole.to_dict()
+    assert any(f.kind == "multi_valued" for f in streamed.fields) and any(f.kind == "numeric" for f in streamed.fields)

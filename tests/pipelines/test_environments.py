@@ -80,8 +80,10 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
             WRITERS[env](data_root / ML100K, root)
             data_root = root
         monkeypatch.setenv("DYNAMIC_CTR_DATA_ROOT", str(data_root))
-    # `kedro run --env <env>` (the default env is `local`); there, each suite's pipeline by name
-    pipelines = list(SUITES) if env == "local" else None
+    # `kedro run --env <env>` (the default env is `local`); there, each suite's pipeline by
+    # name; Avazu through the streaming data pipeline (`--pipeline stream_<suite>`), whose
+    # data equal the in-memory pipelines' (tests/pipelines/test_streaming.py)
+    pipelines = list(SUITES) if env == "local" else [f"stream_{s}" for s in SUITES] if env == "avazu" else None
     with KedroSession.create(project_path=project, env=env, runtime_params=SMOKE) as session:
         session.run(pipeline_names=pipelines)
     assert set(DEFAULT_SUITES) == set(SUITES)  # every suite runs on every data set today

@@ -422,6 +422,28 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+#: Adapters whose checks need no other row than the row itself, or only rows of the same
+#: batch: they can read their main file as a stream (``kedro run --pipeline stream_data``).
+#: The value says what a batch cannot see (reported with the ingestion).
+STREAMABLE: dict[str, tuple[str, str | None]] = {
+    "criteo": ("clicks", None),
+    "avazu": ("clicks", "duplicate ids are found within a batch, not across batches"),
+    "ijcai18": ("clicks", "duplicate instance ids are found within a batch, not across batches"),
+    "generic": ("table", "duplicate unique_key values are found within a batch, not across batches"),
+}
+
+
+def stream_role(name: str) -> tuple[str, str | None]:
+    """The raw file an adapter streams and what its batches cannot check."""
+    get_adapter(name)
+    if name not in STREAMABLE:
+        raise ValueError(
+            f"ingestion.adapter={name!r} joins several files or checks rows against the whole table, so it cannot "
+            f"read its input as a stream; streaming adapters: {sorted(STREAMABLE)}"
+        )
+    return STREAMABLE[name]
+
+
 def get_adapter(name: str) -> Adapter:
     try:
         return ADAPTERS[name]

@@ -118,7 +118,11 @@ class DomainEncoder:
 
     @classmethod
     def fit(cls, train: pd.DataFrame, params: DomainParams) -> DomainEncoder:
-        counts = domain_keys(train, params.features).value_counts()
+        return cls.from_support(domain_keys(train, params.features).value_counts(), params)
+
+    @classmethod
+    def from_support(cls, counts: pd.Series, params: DomainParams) -> DomainEncoder:
+        """From the training rows per domain key (counts of batches add up)."""
         kept = counts[counts >= params.min_support]
         kept = kept.sort_values(ascending=False, kind="stable")
         kept = kept.loc[sorted(kept.index, key=lambda k: (-kept[k], k))]
@@ -161,7 +165,12 @@ def frequency_groups(train: pd.DataFrame, key: str, groups: int) -> pd.DataFrame
     Returns one row per key: ``key``, ``interactions`` and ``group``. Ties are broken by
     the key's value, so the assignment is reproducible.
     """
-    counts = train.groupby(key, sort=True).size().rename("interactions").reset_index()
+    return frequency_groups_from_counts(train.groupby(key, sort=True).size(), key, groups)
+
+
+def frequency_groups_from_counts(interactions: pd.Series, key: str, groups: int) -> pd.DataFrame:
+    """:func:`frequency_groups` from the training rows per key (indexed by the key)."""
+    counts = interactions.rename_axis(key).sort_index().rename("interactions").reset_index()
     counts = counts.sort_values(["interactions", key], kind="stable").reset_index(drop=True)
     n = len(counts)
     counts["group"] = (np.arange(n) * groups // max(n, 1)).astype(np.int8)
@@ -170,10 +179,17 @@ def frequency_groups(train: pd.DataFrame, key: str, groups: int) -> pd.DataFrame
 
 def domain_table(splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str]) -> pd.DataFrame:
     """Samples, clicks and CTR per domain and split, from ``{split: (domain_ids, labels)}``."""
-    rows = []
+    per_split = {}
     for split, (ids, labels) in splits.items():
         frame = pd.DataFrame({"domain": ids, "label": labels.astype(np.int64)})
-        agg = frame.groupby("domain").agg(samples=("label", "size"), clicks=("label", "sum"))
+        per_split[split] = frame.groupby("domain").agg(samples=("label", "size"), clicks=("label", "sum"))
+    return domain_table_from_counts(per_split, names)
+
+
+def domain_table_from_counts(per_split: dict[str, pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    """:func:`domain_table` from per split ``samples`` and ``clicks`` indexed by domain id."""
+    rows = []
+    for split, agg in per_split.items():
         for domain, r in agg.iterrows():
             rows.append({"split": split, "domain": int(domain), "name": names[int(domain) - OOV_INDEX],
                          "samples": int(r["samples"]), "clicks": int(r["clicks"]), "ctr": r["clicks"] / r["samples"]})

@@ -145,14 +145,65 @@ def _as_array(column: pd.Series | pa.ChunkedArray) -> pa.Array:
     return column
 
 
-def _fit_vocab(values: pa.Array, min_count: int) -> list[Any]:
-    counts = pc.value_counts(values)
-    vals = counts.field("values").to_pylist()
-    cnts = counts.field("counts").to_numpy()
-    keep = [(c, v) for v, c in zip(vals, cnts) if c >= min_count]
+@dataclass
+class FieldCounts:
+    """What fitting a field needs from the training rows, and nothing more.
+
+    Counts of disjoint row sets add up (:meth:`merge`), so the same encoder is fitted
+    from one in-memory table (:meth:`FeatureEncoder.fit`), from batches streamed one at
+    a time (:mod:`dynamic_ctr.pipelines.streaming`) or from counts computed elsewhere.
+
+    Attributes:
+        values: the distinct values (numeric fields: their bucket ids; multi-valued
+            fields: the items), null included when present.
+        counts: ``(len(values),)`` int64, how many times each was seen.
+        lengths: multi-valued fields only: ``lengths[k]`` rows held ``k`` items.
+    """
+
+    values: pa.Array
+    counts: np.ndarray
+    lengths: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, values: pa.Array, lengths: pa.Array | None = None) -> FieldCounts:
+        vc = pc.value_counts(values)
+        hist = None
+        if lengths is not None:
+            hist = np.bincount(lengths.to_numpy(zero_copy_only=False).astype(np.int64), minlength=1)
+        return cls(vc.field("values"), vc.field("counts").to_numpy(zero_copy_only=False).astype(np.int64), hist)
+
+    def merge(self, other: FieldCounts) -> FieldCounts:
+        """The counts of both row sets (one row per distinct value)."""
+        table = pa.concat_tables([
+            pa.table({"values": self.values, "counts": pa.array(self.counts, pa.int64())}),
+            pa.table({"values": _comparable(other.values, self.values.type), "counts": pa.array(other.counts, pa.int64())}),
+        ]).group_by("values").aggregate([("counts", "sum")])
+        lengths = None
+        if self.lengths is not None and other.lengths is not None:
+            size = max(len(self.lengths), len(other.lengths))
+            lengths = np.pad(self.lengths, (0, size - len(self.lengths))) + np.pad(other.lengths, (0, size - len(other.lengths)))
+        return FieldCounts(table.column("values").combine_chunks(), table.column("counts_sum").to_numpy(), lengths)
+
+
+def _vocab_from_counts(counts: FieldCounts, min_count: int) -> list[Any]:
+    vals = counts.values.to_pylist()
+    keep = [(c, v) for v, c in zip(vals, counts.counts) if c >= min_count]
     # Most frequent first; ties broken by the value's text so the order is reproducible.
     keep.sort(key=lambda cv: (-cv[0], "" if cv[1] is None else str(cv[1])))
     return [v.item() if isinstance(v, np.generic) else v for _, v in keep]
+
+
+def _quantiles_from_counts(values: np.ndarray, counts: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """``np.quantile(np.repeat(values, counts), qs)`` (numpy's default linear method, same
+    arithmetic) without expanding the repeats. ``values`` sorted ascending, no NaN."""
+    cumulative = np.cumsum(counts)
+    virtual = qs * (cumulative[-1] - 1)
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    a = values[np.searchsorted(cumulative, previous + 1)]  # the previous-th smallest (0-based)
+    b = values[np.searchsorted(cumulative, np.minimum(previous + 1, cumulative[-1] - 1) + 1)]
+    lerp = a + (b - a) * gamma
+    return np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), lerp)
 
 
 class FeatureEncoder:
@@ -167,25 +218,34 @@ class FeatureEncoder:
     @classmethod
     def fit(cls, train: pd.DataFrame, schema: TableSchema, params: EncoderParams) -> FeatureEncoder:
         """Fit on the training split only."""
-        missing = [c for c in schema.features if c not in train.columns]
+        return cls.from_counts(count_fields(train, schema, params), schema, params)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, FieldCounts], schema: TableSchema, params: EncoderParams) -> FeatureEncoder:
+        """Fit from the training split's :class:`FieldCounts` (see :func:`count_fields`)."""
+        missing = [c for c in schema.features if c not in counts]
         if missing:
-            raise ValueError(f"training table lacks schema column(s) {missing}")
+            raise ValueError(f"no training counts for schema column(s) {missing}")
         fields: list[FieldEncoder] = []
         for name in schema.features:
             min_count = params.min_count_per_field.get(name, params.min_count)
-            column = _as_array(train[name])
             source = schema.source_of(name)
+            seen = counts[name]
             if name in schema.numeric:
-                proto = FieldEncoder(name, "numeric", source, [], bucketing=params.numeric_buckets,
-                                     edges=_quantile_edges(column, params.quantile_buckets) if params.numeric_buckets == "quantile" else None)
-                fields.append(FieldEncoder(**{**proto.to_dict(), "vocab": _fit_vocab(proto.bucket(column), min_count)}))
+                # Counted as raw values: bucket the distinct values, then add up per bucket.
+                edges = _quantile_edges(seen, params.quantile_buckets) if params.numeric_buckets == "quantile" else None
+                proto = FieldEncoder(name, "numeric", source, [], bucketing=params.numeric_buckets, edges=edges)
+                buckets = FieldCounts(pa.array([], pa.int64()), np.zeros(0, np.int64)).merge(
+                    FieldCounts(proto.bucket(_comparable(seen.values, pa.float64())), seen.counts))
+                fields.append(FieldEncoder(**{**proto.to_dict(), "vocab": _vocab_from_counts(buckets, min_count)}))
             elif name in schema.multi_valued:
-                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-                auto = int(np.clip(np.ceil(np.percentile(lengths, 99)) if len(lengths) else 1, 1, params.max_len_cap))
-                max_len = int(params.max_len.get(name, auto))
-                fields.append(FieldEncoder(name, "multi_valued", source, _fit_vocab(pc.list_flatten(column), min_count), max_len=max_len))
+                hist = seen.lengths if seen.lengths is not None and seen.lengths.sum() else np.ones(1, np.int64)
+                p99 = _quantiles_from_counts(np.arange(len(hist), dtype=np.float64), hist, np.array([0.99]))[0]
+                auto = int(np.clip(np.ceil(p99), 1, params.max_len_cap))
+                fields.append(FieldEncoder(name, "multi_valued", source, _vocab_from_counts(seen, min_count),
+                                           max_len=int(params.max_len.get(name, auto))))
             else:
-                fields.append(FieldEncoder(name, "categorical", source, _fit_vocab(column, min_count)))
+                fields.append(FieldEncoder(name, "categorical", source, _vocab_from_counts(seen, min_count)))
         return cls(fields, schema, params)
 
     # --- transform ----------------------------------------------------------------------
@@ -265,12 +325,38 @@ class FeatureEncoder:
         return cls([FieldEncoder(**f) for f in d["fields"]], TableSchema.from_dict(d["schema"]), EncoderParams(**d["params"]))
 
 
-def _quantile_edges(values: pa.Array, buckets: int) -> list[float]:
-    v = values.to_numpy(zero_copy_only=False).astype(np.float64)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
+def _quantile_edges(counts: FieldCounts, buckets: int) -> list[float]:
+    v = _comparable(counts.values, pa.float64()).to_numpy(zero_copy_only=False)
+    present = ~np.isnan(v)
+    if not present.any():
         return []
-    return np.unique(np.quantile(v, np.linspace(0, 1, buckets + 1)[1:-1])).tolist()
+    order = np.argsort(v[present], kind="stable")
+    values, n = v[present][order], counts.counts[present][order]
+    return np.unique(_quantiles_from_counts(values, n, np.linspace(0, 1, buckets + 1)[1:-1])).tolist()
+
+
+def count_fields(table: pd.DataFrame, schema: TableSchema, params: EncoderParams) -> dict[str, FieldCounts]:
+    """The :class:`FieldCounts` of every feature of ``table`` (numeric fields: raw values)."""
+    missing = [c for c in schema.features if c not in table.columns]
+    if missing:
+        raise ValueError(f"training table lacks schema column(s) {missing}")
+    counts: dict[str, FieldCounts] = {}
+    for name in schema.features:
+        column = _as_array(table[name])
+        if name in schema.numeric:
+            counts[name] = FieldCounts.of(_comparable(column, pa.float64()))
+        elif name in schema.multi_valued:
+            counts[name] = FieldCounts.of(pc.list_flatten(column), pc.list_value_length(column.fill_null(pa.scalar([], column.type))))
+        else:
+            counts[name] = FieldCounts.of(column)
+    return counts
+
+
+def merge_counts(total: dict[str, FieldCounts] | None, batch: dict[str, FieldCounts]) -> dict[str, FieldCounts]:
+    """Counts of the rows behind ``total`` and ``batch`` together."""
+    if total is None:
+        return batch
+    return {name: total[name].merge(c) for name, c in batch.items()}
 
 
 def _encode_lists(enc: FieldEncoder, column: pa.Array) -> tuple[np.ndarray, np.ndarray, int, int]:

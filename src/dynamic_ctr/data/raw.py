@@ -16,6 +16,7 @@ they are parsed, so lines and messages refer to the decompressed text.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,20 +160,141 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
             head = f.read(1 << 16)
         if not head.strip() and path.stat().st_size <= len(head):
             raise RawInputError(f"{path}: file is empty")
-    is_utf8 = cfg.encoding.lower().replace("-", "") in ("utf8", "ascii")
-    sep = cfg.sep
     # UTF-8 with a one-character separator is read by pyarrow straight from the file;
     # anything else (and a compressed file) is decompressed / transcoded / rewritten in
     # memory first.
     data: bytes | None = None
-    if not is_utf8 or len(sep) != 1 or raw is not None:
-        data = _to_utf8(raw if raw is not None else path.read_bytes(), path, cfg.encoding)
-        if len(sep) != 1:
-            data = data.replace(sep.encode(), _UNIT_SEPARATOR.encode())
-            sep = _UNIT_SEPARATOR
+    if not _is_utf8(cfg) or len(cfg.sep) != 1 or raw is not None:
+        data = _prepare(raw if raw is not None else path.read_bytes(), path, cfg)
         head = data[: 1 << 16]
+    names, sep = _layout(path, cfg, head)
+    source = io.BytesIO(data) if data is not None else str(path)
+    try:
+        table, malformed = _parse(source, path, cfg, names, sep, skip_rows=1 if cfg.header else 0)
+    except pa.ArrowInvalid as exc:
+        if data is None and "utf8" in str(exc).lower().replace("-", ""):
+            _to_utf8(path.read_bytes(), path, cfg.encoding)  # raises, naming the line
+        raise RawInputError(f"{path}: cannot parse as {cfg.sep!r}-separated text: {exc}") from exc
+    header_lines = 1 if cfg.header else 0
+    if malformed:
+        malformed = _locate_malformed(data if data is not None else path.read_bytes(), malformed, len(names), sep, cfg.sep)
+    _check_rows(path, cfg, table.num_rows, malformed, len(names))
+    lines = _good_row_lines(table.num_rows, header_lines, [m.line for m in malformed])
+    return RawTable(str(path), table, lines, malformed)
 
-    if is_utf8 and head.startswith(b"\xef\xbb\xbf"):
+
+def iter_raw_batches(cfg: RawFileConfig, batch_bytes: int = 64 << 20) -> Iterator[RawTable]:
+    """Read a delimited file as consecutive :class:`RawTable` batches of about
+    ``batch_bytes`` of text each, holding one batch in memory at a time.
+
+    Batches end at line ends (for quoted CSV, at a line end outside quotes), so every
+    batch parses alone. Each is read with the same options, messages, malformed-row
+    handling and line numbers as :func:`read_raw` would give its rows: the batches put
+    together equal ``read_raw(cfg)`` (tested). Compressed files are decompressed as a
+    stream. Parquet files are read by row group.
+    """
+    path = Path(cfg.filepath)
+    if not path.is_file():
+        if cfg.optional:
+            return
+        raise RawInputError(f"{path}: file not found")
+    if cfg.format == "parquet":
+        yield from _parquet_batches(path)
+        return
+    if cfg.format != "delimited":
+        raise RawInputError(f"{path}: unknown format {cfg.format!r} (use 'delimited' or 'parquet')")
+    codec = compression_of(path)
+    try:
+        stream = pa.input_stream(str(path), compression=codec) if codec else path.open("rb")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RawInputError(f"{path}: looks {codec}-compressed but cannot be opened: {exc}") from exc
+    with stream:
+        names: list[str] | None = None
+        sep = cfg.sep
+        line_offset = 0  # lines of the file before the current batch
+        good = bad = 0
+        for chunk in _line_chunks(stream, path, codec, batch_bytes, cfg.quoted):
+            data = _prepare(chunk, path, cfg, line_offset)
+            if names is None:
+                if not data.strip():
+                    raise RawInputError(f"{path}: file is empty" + (f" (once {codec}-decompressed)" if codec else ""))
+                names, sep = _layout(path, cfg, data[: 1 << 16])
+                if cfg.header:  # the header line is not a row
+                    cut = data.find(b"\n")
+                    data = data[cut + 1 :] if cut >= 0 else b""
+                    line_offset = 1
+            table, malformed_rows = _parse_bytes(data, path, cfg, names, sep)
+            malformed = _locate_malformed(data, malformed_rows, len(names), sep, cfg.sep) if malformed_rows else []
+            for row in malformed:
+                row.line += line_offset if row.line > 0 else 0
+            first_batch = good + bad == 0
+            good, bad = good + table.num_rows, bad + len(malformed)
+            if first_batch and bad > good:  # a wrong separator shows in the first batch
+                _check_rows(path, cfg, table.num_rows, malformed, len(names))
+            lines = _good_row_lines(table.num_rows, line_offset, [m.line for m in malformed])
+            line_offset += data.count(b"\n")
+            yield RawTable(str(path), table, lines, malformed)
+        if names is None:
+            raise RawInputError(f"{path}: file is empty" + (f" (once {codec}-decompressed)" if codec else ""))
+        if good == 0 and bad == 0:
+            raise RawInputError(f"{path}: file has a header but no rows")
+
+
+def _line_chunks(stream: Any, path: Path, codec: str | None, size: int, quoted: bool) -> Iterator[bytes]:
+    """Consecutive pieces of ``stream`` of about ``size`` bytes, each ending at a line end
+    (outside quotes when ``quoted``: an even number of ``"`` before it)."""
+    rest = b""
+    while True:
+        try:
+            block = stream.read(size)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise RawInputError(f"{path}: cannot be {codec}-decompressed: {exc}") from exc
+        if not block:
+            if rest:
+                yield rest
+            return
+        buf = rest + block
+        cut = buf.rfind(b"\n")
+        while cut >= 0 and quoted and buf.count(b'"', 0, cut) % 2:
+            cut = buf.rfind(b"\n", 0, cut)
+        if cut < 0:
+            rest = buf
+            continue
+        yield buf[: cut + 1]
+        rest = buf[cut + 1 :]
+
+
+def _parquet_batches(path: Path) -> Iterator[RawTable]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RawInputError(f"{path}: not a readable Parquet file: {exc}") from exc
+    if parquet.metadata.num_rows == 0:
+        raise RawInputError(f"{path}: file has no rows")
+    start = 1
+    for i in range(parquet.num_row_groups):
+        table = parquet.read_row_group(i)
+        yield RawTable(str(path), table, np.arange(start, start + table.num_rows, dtype=np.int64))
+        start += table.num_rows
+
+
+def _is_utf8(cfg: RawFileConfig) -> bool:
+    return cfg.encoding.lower().replace("-", "") in ("utf8", "ascii")
+
+
+def _prepare(data: bytes, path: Path, cfg: RawFileConfig, line_offset: int = 0) -> bytes:
+    """Bytes as pyarrow parses them: UTF-8, multi-character separators rewritten.
+    ``line_offset``: lines of the file before ``data`` (for messages)."""
+    data = _to_utf8(data, path, cfg.encoding, line_offset)
+    if len(cfg.sep) != 1:
+        data = data.replace(cfg.sep.encode(), _UNIT_SEPARATOR.encode())
+    return data
+
+
+def _layout(path: Path, cfg: RawFileConfig, head: bytes) -> tuple[list[str], str]:
+    """The column names and the separator pyarrow splits on, from the file's first bytes."""
+    sep = cfg.sep if len(cfg.sep) == 1 else _UNIT_SEPARATOR
+    if _is_utf8(cfg) and head.startswith(b"\xef\xbb\xbf"):
         head = head[3:]  # a UTF-8 byte-order mark (spreadsheet exports) is not part of the header
     first_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
     if cfg.header:
@@ -191,58 +313,58 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
         raise RawInputError(f"{path}: duplicate column names in header: {names}")
     # A header read from the file "expects" however many fields it splits into.
     _check_separator(path, first_line, sep, cfg.sep, expected=len(cfg.names) if cfg.names else None)
+    return names, sep
 
+
+def _parse(source: Any, path: Path, cfg: RawFileConfig, names: list[str], sep: str, skip_rows: int) -> tuple[pa.Table, list[tuple[str, int]]]:
+    """Parse with every column as text; rows with the wrong field count are collected."""
     malformed_rows: list[tuple[str, int]] = []
 
     def on_invalid_row(row: Any) -> str:
         malformed_rows.append((row.text, row.actual_columns))
         return "skip"
 
+    table = pacsv.read_csv(
+        source,
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(
+            delimiter=sep,
+            quote_char='"' if cfg.quoted else False,
+            ignore_empty_lines=False,
+            invalid_row_handler=on_invalid_row,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            strings_can_be_null=True,
+            null_values=["", *cfg.missing_values],
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    return table, malformed_rows
+
+
+def _parse_bytes(data: bytes, path: Path, cfg: RawFileConfig, names: list[str], sep: str) -> tuple[pa.Table, list[tuple[str, int]]]:
+    if not data:
+        return pa.table({n: pa.array([], pa.string()) for n in names}), []
     try:
-        table = pacsv.read_csv(
-            io.BytesIO(data) if data is not None else str(path),
-            read_options=pacsv.ReadOptions(
-                column_names=names, skip_rows=1 if cfg.header else 0, block_size=1 << 24
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=sep,
-                quote_char='"' if cfg.quoted else False,
-                ignore_empty_lines=False,
-                invalid_row_handler=on_invalid_row,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names},
-                strings_can_be_null=True,
-                null_values=["", *cfg.missing_values],
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        return _parse(io.BytesIO(data), path, cfg, names, sep, skip_rows=0)
     except pa.ArrowInvalid as exc:
-        if data is None and "utf8" in str(exc).lower().replace("-", ""):
-            _to_utf8(path.read_bytes(), path, cfg.encoding)  # raises, naming the line
         raise RawInputError(f"{path}: cannot parse as {cfg.sep!r}-separated text: {exc}") from exc
 
-    header_lines = 1 if cfg.header else 0
-    malformed: list[MalformedRow] = []
-    if malformed_rows:
-        malformed = _locate_malformed(data if data is not None else path.read_bytes(), malformed_rows, len(names))
-        if sep != cfg.sep:  # show the row as it is in the file
-            for row in malformed:
-                row.text = row.text.replace(sep, cfg.sep)
-    if table.num_rows == 0 and not malformed:
+
+def _check_rows(path: Path, cfg: RawFileConfig, n_good: int, malformed: list[MalformedRow], n_names: int) -> None:
+    if n_good == 0 and not malformed:
         raise RawInputError(f"{path}: file has a header but no rows")
-    if malformed and len(malformed) > table.num_rows:
+    if malformed and len(malformed) > n_good:
         example = malformed[0]
         raise RawInputError(
-            f"{path}: {len(malformed)} of {len(malformed) + table.num_rows} rows do not have "
-            f"{len(names)} {cfg.sep!r}-separated fields (line {example.line}: {example.reason}); "
+            f"{path}: {len(malformed)} of {len(malformed) + n_good} rows do not have "
+            f"{n_names} {cfg.sep!r}-separated fields (line {example.line}: {example.reason}); "
             "wrong separator or wrong column list?"
         )
-    lines = _good_row_lines(table.num_rows, header_lines, [m.line for m in malformed])
-    return RawTable(str(path), table, lines, malformed)
 
 
-def _to_utf8(data: bytes, path: Path, encoding: str) -> bytes:
+def _to_utf8(data: bytes, path: Path, encoding: str, line_offset: int = 0) -> bytes:
     if encoding.lower().replace("-", "") in ("utf8", "ascii"):
         # A UTF-8 byte-order mark (as spreadsheet exports write) is not part of the header.
         if data.startswith(b"\xef\xbb\xbf"):
@@ -250,7 +372,7 @@ def _to_utf8(data: bytes, path: Path, encoding: str) -> bytes:
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
+            line = line_offset + data.count(b"\n", 0, exc.start) + 1
             bad = data[exc.start : exc.start + 4]
             raise RawInputError(
                 f"{path}: line {line}: bytes {bad!r} are not valid UTF-8 "
@@ -285,7 +407,7 @@ def _check_separator(path: Path, first_line: str, sep: str, shown_sep: str, expe
 
 
 def _locate_malformed(
-    data: bytes, bad_rows: list[tuple[str, int]], expected: int
+    data: bytes, bad_rows: list[tuple[str, int]], expected: int, sep: str, shown_sep: str
 ) -> list[MalformedRow]:
     """Find the line of each malformed row (pyarrow reports the text, not the line)."""
     rows: list[MalformedRow] = []
@@ -305,6 +427,9 @@ def _locate_malformed(
         reason = f"expected {expected} fields, found {found}" if text else "empty line"
         rows.append(MalformedRow(line=line, reason=reason, text=text))
     rows.sort(key=lambda r: r.line)
+    if sep != shown_sep:  # show the row as it is in the file
+        for row in rows:
+            row.text = row.text.replace(sep, shown_sep)
     return rows
 
 

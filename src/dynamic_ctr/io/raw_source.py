@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
-from dynamic_ctr.data.raw import RawFileConfig, RawTable, read_raw
+from dynamic_ctr.data.raw import RawFileConfig, RawTable, iter_raw_batches, read_raw
 
 
 class RawSourceDataset(AbstractDataset[None, dict[str, RawTable | None]]):
@@ -83,3 +84,47 @@ class RawFileDataset(AbstractDataset[pd.DataFrame, RawTable]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._config.filepath}
+
+
+class RawStream:
+    """Raw files opened lazily: the streamed one batch by batch, the others whole."""
+
+    def __init__(self, files: dict[str, RawFileConfig], batch_bytes: int) -> None:
+        self.files = files
+        self.batch_bytes = batch_bytes
+
+    def batches(self, name: str) -> Iterator[RawTable]:
+        """``name``'s rows, about ``batch_bytes`` of text at a time (see :func:`iter_raw_batches`)."""
+        if name not in self.files:
+            raise DatasetError(f"raw_stream has no file {name!r}; files: {sorted(self.files)}")
+        return iter_raw_batches(self.files[name], self.batch_bytes)
+
+    def read(self, name: str) -> RawTable | None:
+        """A side file (small, e.g. a lookup table), read whole."""
+        return read_raw(self.files[name])
+
+
+class RawStreamDataset(RawSourceDataset):
+    """The raw files of :class:`RawSourceDataset`, for the streaming pipeline: loading
+    opens nothing and returns a :class:`RawStream`, which reads a file batch by batch.
+
+    Catalog entry (a YAML anchor shares the files with ``raw_source``)::
+
+        raw_stream:
+          <<: *raw_files
+          type: dynamic_ctr.io.raw_source.RawStreamDataset
+          batch_mb: 64
+
+    Args:
+        batch_mb: text per batch, in MiB: the memory the stream holds at a time scales
+            with it, not with the file.
+    """
+
+    def __init__(self, *, files: dict[str, dict[str, Any]], batch_mb: float = 64, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(files=files, metadata=metadata)
+        if batch_mb <= 0:
+            raise DatasetError(f"raw_stream: batch_mb={batch_mb} must be > 0")
+        self._batch_bytes = int(batch_mb * (1 << 20))
+
+    def load(self) -> RawStream:  # type: ignore[override]
+        return RawStream(self._files, self._batch_bytes)

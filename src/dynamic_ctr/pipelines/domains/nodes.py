@@ -32,7 +32,11 @@ def fit_frequency_groups(train: pd.DataFrame, encoder: dict[str, Any], params: d
     if key is None:
         return pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
                              "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
-    table = frequency_groups(train, key, settings.frequency_groups)
+    return with_key_index(frequency_groups(train, key, settings.frequency_groups), encoder, key)
+
+
+def with_key_index(table: pd.DataFrame, encoder: dict[str, Any], key: str) -> pd.DataFrame:
+    """The activity-group table with each key's encoded index."""
     field = FeatureEncoder.from_dict(encoder).field(key)
     table.insert(1, "key_index", field.indices(pa.array(table["key"].tolist())))
     table["key"] = table["key"].astype(str)
@@ -63,17 +67,28 @@ def assign_domains(
     for split, primary, encoded in (("train", primary_train, encoded_train), ("valid", primary_valid, encoded_valid), ("test", primary_test, encoded_test)):
         if len(primary) != len(encoded):
             raise ValueError(f"{split}: primary split has {len(primary)} rows but the encoded one {len(encoded)}")
-        ids = domains.transform(primary)
-        frame = encoded.assign(**{DOMAIN_FIELD: ids})
-        if key is not None:
-            frame[GROUP_COLUMN] = primary[key].astype(str).map(group_of).fillna(-1).to_numpy(dtype=np.int8)
-        else:
-            frame[GROUP_COLUMN] = np.full(len(frame), -1, dtype=np.int8)
+        frame = with_domain_columns(encoded, primary, domains, key, group_of)
         outputs.append(frame)
-        stats[split] = (ids, frame["label"].to_numpy())
+        stats[split] = (frame[DOMAIN_FIELD].to_numpy(), frame["label"].to_numpy())
+    spec_dict = model_feature_spec(base_spec, domains, key)
+    return outputs[0], outputs[1], outputs[2], spec_dict, domain_table(stats, domains.names)
+
+
+def with_domain_columns(encoded: pd.DataFrame, primary: pd.DataFrame, domains: DomainEncoder, key: str | None, group_of: dict) -> pd.DataFrame:
+    """``encoded`` plus the ``domain`` field and the ``frequency_group`` column of ``primary``'s rows."""
+    frame = encoded.assign(**{DOMAIN_FIELD: domains.transform(primary)})
+    if key is not None:
+        frame[GROUP_COLUMN] = primary[key].astype(str).map(group_of).fillna(-1).to_numpy(dtype=np.int8)
+    else:
+        frame[GROUP_COLUMN] = np.full(len(frame), -1, dtype=np.int8)
+    return frame
+
+
+def model_feature_spec(base_spec: dict[str, Any], domains: DomainEncoder, key: str | None) -> dict[str, Any]:
+    """The models' feature spec: the encoder's, the domain field, the activity groups."""
     spec_dict = spec_with_domain(base_spec, domains)
     spec_dict["metadata"] = {**spec_dict["metadata"], "frequency_key": key, "frequency_group_column": GROUP_COLUMN}
-    return outputs[0], outputs[1], outputs[2], spec_dict, domain_table(stats, domains.names)
+    return spec_dict
 
 
 def spec_with_domain(base_spec: dict[str, Any], domains: DomainEncoder) -> dict[str, Any]:

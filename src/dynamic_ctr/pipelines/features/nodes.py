@@ -24,11 +24,8 @@ def split_interactions(
     if not ingestion_check.get("passed"):
         raise ValueError(f"the clean table did not pass the ingestion check: {ingestion_check}")
     schema = TableSchema.from_dict(table_schema)
-    unknown = set(params) - {"method", "ratios", "seed"}
-    if unknown:
-        raise ValueError(f"unknown features.split parameter(s) {sorted(unknown)}; known: method, ratios, seed")
-    split = SplitParams(**{**params, "ratios": tuple(params.get("ratios", SplitParams.ratios))})
-    train, valid, test = split_frame(interactions, split, schema.time_key)
+    split = SplitParams.from_dict(params)
+    train, valid, test = split_frame(interactions, split, schema.time_key, schema.key_columns)
     train, (valid, test), notes = aggregate_item_lists(train, [valid, test], schema)
     summary = {
         "method": split.method,
@@ -54,7 +51,11 @@ def fit_encoder(
     Returns the encoder (JSON) and the feature spec models build their embeddings from.
     """
     encoder = FeatureEncoder.fit(train, TableSchema.from_dict(table_schema), EncoderParams(**params))
-    spec = encoder.feature_spec().to_dict()
+    return encoder.to_dict(), spec_with_roles(encoder.feature_spec().to_dict(), roles)
+
+
+def spec_with_roles(spec: dict[str, Any], roles: dict[str, Any] | None) -> dict[str, Any]:
+    """The encoder's feature spec with the ``features.roles`` fields set (checked)."""
     roles = dict(roles or {})
     unknown = set(roles) - set(ROLE_PARAMS)
     if unknown:
@@ -64,7 +65,7 @@ def fit_encoder(
         if field is not None and field not in names:
             raise ValueError(f"features.roles.{role}={field!r} is not a field of this data set; fields: {names}")
         spec[f"{role}_field"] = field
-    return encoder.to_dict(), spec
+    return spec
 
 
 def encode_splits(

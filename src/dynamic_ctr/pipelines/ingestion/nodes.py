@@ -34,27 +34,41 @@ def ingest(raw_source: dict[str, RawTable | None], params: dict[str, Any]) -> tu
     for raw in (r for r in raw_source.values() if r is not None):
         quarantined = quarantine.total(raw.path)
         kept = len(result.table) if raw.path == result.main_file else raw.rows_read - quarantined
-        files[raw.path] = {
-            "rows_read": raw.rows_read,
-            "rows_kept": int(kept),
-            "rows_quarantined": quarantined,
-            "quarantined_by_reason": quarantine.counts(raw.path),
-            "values_set_missing": quarantine.set_missing.get(raw.path, {}),
-            "main": raw.path == result.main_file,
-        }
+        files[raw.path] = file_report(raw.rows_read, int(kept), quarantine.counts(raw.path), quarantine.set_missing.get(raw.path, {}), raw.path == result.main_file)
+    positive_rate = float(result.table["label"].astype("float64").mean()) if len(result.table) else None
+    report = ingestion_report(params, files, len(result.table), positive_rate, result.notes)
+    return result.table, quarantine.frame(), result.schema.to_dict(), report
+
+
+def file_report(rows_read: int, rows_kept: int, by_reason: dict[str, int], set_missing: dict[str, int], main: bool) -> dict[str, Any]:
+    """One file's line of the ingestion report."""
+    return {
+        "rows_read": int(rows_read),
+        "rows_kept": int(rows_kept),
+        "rows_quarantined": int(sum(by_reason.values())),
+        "quarantined_by_reason": dict(by_reason),
+        "values_set_missing": dict(set_missing),
+        "main": main,
+    }
+
+
+def ingestion_report(
+    params: dict[str, Any], files: dict[str, dict[str, Any]], rows: int, positive_rate: float | None, notes: dict[str, Any]
+) -> dict[str, Any]:
+    """The ingestion report (the same for the in-memory and the streaming ingestion)."""
     shares = {p: f["rows_quarantined"] / f["rows_read"] for p, f in files.items() if f["rows_read"]}
     report = {
         "adapter": params["adapter"],
-        "rows": len(result.table),
-        "positive_rate": float(result.table["label"].astype("float64").mean()) if len(result.table) else None,
+        "rows": int(rows),
+        "positive_rate": positive_rate,
         "files": files,
-        "notes": result.notes,
+        "notes": notes,
         "max_quarantined_share": max(shares.values(), default=0.0),
         "max_quarantine_share_allowed": float(params.get("max_quarantine_share", 0.01)),
     }
     for path, f in files.items():
         logger.info("%s: %d rows read, %d kept, %d quarantined %s", path, f["rows_read"], f["rows_kept"], f["rows_quarantined"], f["quarantined_by_reason"] or "")
-    return result.table, quarantine.frame(), result.schema.to_dict(), report
+    return report
 
 
 def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +78,11 @@ def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> dict[str, A
     before the run stops: nothing is lost, and the report says what went wrong. Its
     output (``ingestion_check``) is what the ``features`` pipeline waits for.
     """
+    return quarantine_verdict(len(clean), report)
+
+
+def quarantine_verdict(rows: int, report: dict[str, Any]) -> dict[str, Any]:
+    """The gate's verdict on a report and the rows kept (raises when over the limit)."""
     allowed = report["max_quarantine_share_allowed"]
     over = {p: f for p, f in report["files"].items() if f["rows_read"] and f["rows_quarantined"] / f["rows_read"] > allowed}
     if over:
@@ -75,6 +94,6 @@ def check_quarantine(clean: pd.DataFrame, report: dict[str, Any]) -> dict[str, A
             f"quarantined share above ingestion.max_quarantine_share={allowed:.2%}: {details}. "
             "The rows are in the ingestion_quarantine dataset."
         )
-    if clean.empty:
+    if rows == 0:
         raise QuarantineLimitError("no rows left after ingestion; see the ingestion_report dataset")
-    return {"passed": True, "rows": len(clean), "max_quarantined_share": report["max_quarantined_share"], "allowed": allowed}
+    return {"passed": True, "rows": int(rows), "max_quarantined_share": report["max_quarantined_share"], "allowed": allowed}

@@ -1,0 +1,223 @@
+"""Streaming data nodes: a click log larger than memory -> the same model inputs.
+
+The in-memory pipelines (``ingestion``, ``features``, ``domains``) hold the whole log.
+These nodes hold one batch at a time, in two passes over the log:
+
+1. :func:`ingest_stream` reads the raw file in batches, types and checks each with the
+   data set's adapter (same messages, same quarantine), splits each row by a seeded
+   hash of its key (``features.split.method: hash``) and writes the clean rows of each
+   split as Parquet parts;
+2. :func:`fit_stream` counts the training parts' values (vocabularies, buckets,
+   domains, activity) and fits the encoders from the counts; :func:`encode_stream`
+   then encodes every part and adds its domains.
+
+Given the same split, the outputs equal the in-memory pipelines' (tested): the encoders
+are fitted from the same counts, and every row is encoded by the same code. Each
+generator node yields one :class:`~dynamic_ctr.io.parquet_parts.Part` per batch and
+output, then :data:`~dynamic_ctr.io.parquet_parts.END`, which publishes the version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+
+from dynamic_ctr.data.adapters import get_adapter, stream_role
+from dynamic_ctr.data.domains import (
+    DomainEncoder,
+    DomainParams,
+    domain_keys,
+    domain_table_from_counts,
+    frequency_groups_from_counts,
+)
+from dynamic_ctr.data.encoder import EncoderParams, FeatureEncoder, count_fields, merge_counts
+from dynamic_ctr.data.schema import TableSchema
+from dynamic_ctr.data.split import SplitParams, hash_parts
+from dynamic_ctr.io.parquet_parts import END, ParquetParts, Part
+from dynamic_ctr.io.raw_source import RawStream
+from dynamic_ctr.pipelines.domains.nodes import (
+    DOMAIN_FIELD,
+    model_feature_spec,
+    with_domain_columns,
+    with_key_index,
+)
+from dynamic_ctr.pipelines.features.nodes import spec_with_roles
+from dynamic_ctr.pipelines.ingestion.nodes import file_report, ingestion_report, quarantine_verdict
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+def _split_params(params: dict[str, Any]) -> SplitParams:
+    split = SplitParams.from_dict(params)
+    if split.method != "hash":
+        raise ValueError(
+            f"features.split.method={split.method!r}: the streaming pipeline splits each row alone, by a hash of its key; "
+            "set features.split.method: hash (a random or time split needs the whole table)"
+        )
+    return split
+
+
+def ingest_stream(raw_stream: RawStream, ingestion: dict[str, Any], split_params: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+    """Read, check and split the raw log batch by batch.
+
+    Yields, per batch, Parts of: the clean train, validation and test rows, the
+    quarantined rows (file, line, reason, row) and a one-row batch record (rows read,
+    kept, quarantined by reason, positives, schema); then END for each.
+    """
+    role, unseen = stream_role(ingestion["adapter"])
+    adapter = get_adapter(ingestion["adapter"])
+    options = dict(ingestion.get("options") or {})
+    split = _split_params(split_params)
+    for index, raw in enumerate(raw_stream.batches(role)):
+        result = adapter({role: raw}, options)
+        keys = result.table[list(split.key_columns(result.schema.key_columns))]
+        part = hash_parts(keys, split)
+        parts = [result.table[part == i].reset_index(drop=True) for i in range(3)]
+        record = {
+            "batch": index,
+            "path": raw.path,
+            "rows_read": raw.rows_read,
+            "rows_kept": len(result.table),
+            "quarantined_by_reason": json.dumps(result.quarantine.counts(raw.path)),
+            "values_set_missing": json.dumps(result.quarantine.set_missing.get(raw.path, {})),
+            **{f"rows_{s}": len(p) for s, p in zip(SPLITS, parts)},
+            **{f"positives_{s}": int(p["label"].astype("int64").sum()) for s, p in zip(SPLITS, parts)},
+            "schema": json.dumps(result.schema.to_dict()),
+            "notes": json.dumps({**result.notes, **({"not_checked_across_batches": unseen} if unseen else {})}),
+        }
+        logger.info("batch %d of %s: %d rows read, %d kept", index, raw.path, raw.rows_read, len(result.table))
+        yield (*(Part(p) for p in parts), Part(result.quarantine.frame()), Part(pd.DataFrame([record])))
+    yield (END,) * 5
+
+
+def summarise_ingestion(
+    batches: pd.DataFrame, ingestion: dict[str, Any], split_params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The streamed log's schema, ingestion report, ingestion gate and split summary,
+    from the batch records (the same reports the in-memory pipelines write)."""
+    if batches.empty:
+        raise ValueError("the raw stream yielded no batch")
+    schemas = set(batches["schema"])
+    if len(schemas) != 1:
+        raise ValueError(f"the adapter gave {len(schemas)} different schemas across batches")
+    by_reason: dict[str, int] = {}
+    set_missing: dict[str, int] = {}
+    for text, missing in zip(batches["quarantined_by_reason"], batches["values_set_missing"]):
+        for reason, n in json.loads(text).items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        for column, n in json.loads(missing).items():
+            set_missing[column] = set_missing.get(column, 0) + n
+    path = str(batches["path"].iloc[0])
+    rows = int(batches["rows_kept"].sum())
+    positives = sum(int(batches[f"positives_{s}"].sum()) for s in SPLITS)
+    files = {path: file_report(int(batches["rows_read"].sum()), rows, by_reason, set_missing, True)}
+    notes = json.loads(batches["notes"].iloc[-1])
+    report = ingestion_report(ingestion, files, rows, positives / rows if rows else None, {**notes, "batches": len(batches)})
+    check = quarantine_verdict(rows, report)
+    split = _split_params(split_params)
+    sizes = {s: int(batches[f"rows_{s}"].sum()) for s in SPLITS}
+    if min(sizes.values()) == 0:
+        raise ValueError(f"features.split.ratios={list(split.ratios)} leave an empty part: {sizes}")
+    summary = {
+        "method": split.method,
+        "seed": split.seed,
+        "rows": sizes,
+        "positive_rate": {s: int(batches[f"positives_{s}"].sum()) / sizes[s] for s in SPLITS},
+    }
+    return json.loads(next(iter(schemas))), report, check, summary
+
+
+def fit_stream(
+    train: ParquetParts,
+    table_schema: dict[str, Any],
+    ingestion_check: dict[str, Any],
+    encoder_params: dict[str, Any],
+    roles: dict[str, Any] | None,
+    domain_params: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """Fit the feature encoder, the domains and the activity groups from counts of the
+    training parts, read one at a time.
+
+    Returns the feature encoder (JSON), the feature spec, the domain encoder and the
+    activity-group table, as the ``features`` and ``domains`` pipelines write them.
+    """
+    if not ingestion_check.get("passed"):
+        raise ValueError(f"the streamed log did not pass the ingestion check: {ingestion_check}")
+    schema = TableSchema.from_dict(table_schema)
+    if schema.item_aggregated:
+        raise ValueError(
+            f"columns {list(schema.item_aggregated)} are aggregated per item over the whole training split; "
+            "the streaming pipeline does not build item-level lists"
+        )
+    params = EncoderParams(**encoder_params)
+    domains = DomainParams.from_dict(domain_params)
+    counts = None
+    support = pd.Series(dtype="int64")
+    activity = pd.Series(dtype="int64")
+    for part in train:
+        counts = merge_counts(counts, count_fields(part, schema, params))
+        support = support.add(domain_keys(part, domains.features).value_counts(), fill_value=0)
+        if domains.frequency_key is not None:
+            activity = activity.add(part.groupby(domains.frequency_key, sort=False).size(), fill_value=0)
+    if counts is None:
+        raise ValueError("the training split has no parts")
+    encoder = FeatureEncoder.from_counts(counts, schema, params)
+    spec = spec_with_roles(encoder.feature_spec().to_dict(), roles)
+    domain_encoder = DomainEncoder.from_support(support.astype("int64"), domains)
+    if domains.frequency_key is None:
+        groups = pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
+                               "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
+    else:
+        groups = frequency_groups_from_counts(activity.astype("int64"), domains.frequency_key, domains.frequency_groups)
+        groups = with_key_index(groups, encoder.to_dict(), domains.frequency_key)
+    return encoder.to_dict(), spec, domain_encoder.to_dict(), groups
+
+
+def encode_stream(
+    feature_encoder: dict[str, Any], domain_encoder: dict[str, Any], groups: pd.DataFrame, primary: ParquetParts
+) -> Iterator[tuple[Any, ...]]:
+    """Encode one split part by part, with its domain and activity group.
+
+    Yields Parts of the model input and of its statistics (long format: per field the
+    rows holding an unseen value or a cut list; per domain the samples and clicks).
+    """
+    encoder = FeatureEncoder.from_dict(feature_encoder)
+    domains = DomainEncoder.from_dict(domain_encoder)
+    key = domains.params.frequency_key
+    group_of = dict(zip(groups["key"], groups["group"])) if key is not None else {}
+    for part in primary:
+        encoded, stats = encoder.transform(part, passthrough=("source_line",))
+        frame = with_domain_columns(encoded, part, domains, key, group_of)
+        per_domain = frame.groupby(DOMAIN_FIELD).agg(samples=("label", "size"), clicks=("label", "sum"))
+        rows = [("field", name, s["oov_rows"], s["truncated_rows"]) for name, s in stats.items()]
+        rows += [("domain", str(d), int(r["samples"]), int(r["clicks"])) for d, r in per_domain.iterrows()]
+        rows.append(("rows", "", len(frame), 0))
+        yield Part(frame), Part(pd.DataFrame(rows, columns=["kind", "name", "a", "b"]))
+    yield END, END
+
+
+def summarise_encoding(
+    base_feature_spec: dict[str, Any], domain_encoder: dict[str, Any], train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame
+) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """The encoding report, the models' feature spec and the per-domain statistics,
+    from the parts' statistics."""
+    domains = DomainEncoder.from_dict(domain_encoder)
+    report: dict[str, Any] = {}
+    per_domain: dict[str, pd.DataFrame] = {}
+    for split, stats in zip(SPLITS, (train, valid, test)):
+        fields = stats[stats["kind"] == "field"].groupby("name", sort=False)[["a", "b"]].sum()
+        report[split] = {
+            "rows": int(stats.loc[stats["kind"] == "rows", "a"].sum()),
+            "fields": {name: {"oov_rows": int(r["a"]), "truncated_rows": int(r["b"])} for name, r in fields.iterrows()},
+        }
+        dom = stats[stats["kind"] == "domain"].astype({"a": "int64", "b": "int64"})
+        dom = dom.assign(domain=dom["name"].astype(int)).groupby("domain")[["a", "b"]].sum()
+        per_domain[split] = dom.rename(columns={"a": "samples", "b": "clicks"})
+    spec = model_feature_spec(base_feature_spec, domains, domains.params.frequency_key)
+    return report, spec, domain_table_from_counts(per_domain, domains.names)

@@ -1,0 +1,58 @@
+"""stream_data: raw_stream -> checked, split parts -> encoders from counts -> model inputs.
+
+Writes the datasets the ``ingestion``, ``features`` and ``domains`` pipelines write for
+the suites (``model_input_{split}``, ``feature_spec``, encoders, reports), holding one
+batch of the log in memory at a time; the streamed clean rows are ``stream_primary_*``.
+"""
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import (
+    SPLITS,
+    encode_stream,
+    fit_stream,
+    ingest_stream,
+    summarise_encoding,
+    summarise_ingestion,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                ingest_stream,
+                inputs=["raw_stream", "params:ingestion", "params:features.split"],
+                outputs=[*(f"stream_primary_{s}" for s in SPLITS), "stream_quarantine", "stream_batches"],
+                name="ingest_stream",
+            ),
+            node(
+                summarise_ingestion,
+                inputs=["stream_batches", "params:ingestion", "params:features.split"],
+                outputs=["table_schema", "ingestion_report", "ingestion_check", "split_summary"],
+                name="summarise_ingestion",
+            ),
+            node(
+                fit_stream,
+                inputs=["stream_primary_train", "table_schema", "ingestion_check", "params:features.encoder",
+                        "params:features.roles", "params:domains"],
+                outputs=["feature_encoder", "base_feature_spec", "domain_encoder", "frequency_groups"],
+                name="fit_stream",
+            ),
+            *(
+                node(
+                    encode_stream,
+                    inputs=["feature_encoder", "domain_encoder", "frequency_groups", f"stream_primary_{s}"],
+                    outputs=[f"model_input_{s}", f"stream_encoding_{s}"],
+                    name=f"encode_stream_{s}",
+                )
+                for s in SPLITS
+            ),
+            node(
+                summarise_encoding,
+                inputs=["base_feature_spec", "domain_encoder", *(f"stream_encoding_{s}" for s in SPLITS)],
+                outputs=["encoding_report", "feature_spec", "domain_stats"],
+                name="summarise_encoding",
+            ),
+        ]
+    )
