@@ -90,3 +90,45 @@ def test_bad_parameters_name_the_parameter(kwargs, parameter):
 def test_too_few_rows_for_the_ratios():
     with pytest.raises(ValueError, match=r"features\.split\.ratios=\[0\.7, 0\.1, 0\.2\] leave an empty part for 4 rows"):
         split_indices(4, SplitParams())
+
+
+# ------------------------------------------------------------------ hash split (streaming)
+
+
+def test_hash_split_decides_each_row_alone(latest_table):
+    """A row's part depends on its key and the seed only: the same rows land in the same
+    parts whether the table is split whole, in batches, or with rows added."""
+    from dynamic_ctr.data.split import hash_parts
+
+    params = SplitParams(method="hash", seed=7)
+    keys = latest_table[["user", "item"]]
+    whole = hash_parts(keys, params)
+    batched = np.concatenate([hash_parts(keys.iloc[i : i + 9_999], params) for i in range(0, len(keys), 9_999)])
+    np.testing.assert_array_equal(whole, batched)
+    np.testing.assert_array_equal(hash_parts(keys.iloc[::-1], params), whole[::-1])
+    shares = np.bincount(whole, minlength=3) / len(whole)
+    np.testing.assert_allclose(shares, [0.7, 0.1, 0.2], atol=0.005)  # binomial sd ~0.0014
+    other_seed = hash_parts(keys, SplitParams(method="hash", seed=8))
+    assert 0.45 < (other_seed == whole).mean() < 0.6  # independent draws agree ~54% of the time
+
+
+def test_hash_split_of_integer_and_text_keys(latest_table):
+    train, valid, test = split_frame(latest_table, SplitParams(method="hash", key=("source_line",)), "timestamp")
+    lines = [set(p["source_line"].tolist()) for p in (train, valid, test)]
+    assert sum(len(x) for x in lines) == len(latest_table) and not lines[0] & lines[2]
+    assert abs(len(train) / len(latest_table) - 0.7) < 0.01
+    as_text = latest_table.assign(source_line=latest_table["source_line"].astype(str))
+    text_train, _, _ = split_frame(as_text, SplitParams(method="hash", key=("source_line",)), "timestamp")
+    assert abs(len(text_train) / len(latest_table) - 0.7) < 0.01  # a different hash, the same shares
+
+
+def test_hash_split_parameters_are_checked(latest_table):
+    with pytest.raises(ValueError, match=r"features.split.key: column\(s\) \['nope'\] not in the table"):
+        split_frame(latest_table, SplitParams(method="hash", key=("nope",)), "timestamp")
+    with pytest.raises(ValueError, match="needs features.split.key: this adapter names no key columns"):
+        split_frame(latest_table, SplitParams(method="hash"), "timestamp")
+    with pytest.raises(ValueError, match="features.split.key is for method 'hash', not 'random'"):
+        SplitParams(key=("user",))
+    with pytest.raises(ValueError, match=r"unknown features.split parameter\(s\) \['seeds'\]"):
+        SplitParams.from_dict({"method": "hash", "seeds": 1})
+    assert SplitParams.from_dict({"method": "hash", "key": "user"}).key == ("user",)
