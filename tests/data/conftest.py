@@ -8,6 +8,7 @@ test chooses: the external data root, or a ``tmp_path`` holding a transformed co
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ class ProjectConf:
         for role, cfg in files.items():
             cfg = dict(cfg)
             path = cfg["filepath"]
+            # `${runtime_params:raw_file, <default>}` (an env's file, overridable with --params): the default
+            override = re.fullmatch(r"\$\{runtime_params:[^,]+,\s*(.*)\}", path)
+            path = override.group(1) if override else path
             if "${globals:data_root}" in path:
                 assert data_root is not None, f"{env}: {role} needs a data root"
                 path = path.replace("${globals:data_root}", str(data_root))

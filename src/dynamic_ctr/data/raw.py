@@ -15,7 +15,6 @@ they are parsed, so lines and messages refer to the decompressed text.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +167,7 @@ def _read_delimited(path: Path, cfg: RawFileConfig) -> RawTable:
         data = _prepare(raw if raw is not None else path.read_bytes(), path, cfg)
         head = data[: 1 << 16]
     names, sep = _layout(path, cfg, head)
-    source = io.BytesIO(data) if data is not None else str(path)
+    source = pa.BufferReader(data) if data is not None else str(path)
     try:
         table, malformed = _parse(source, path, cfg, names, sep, skip_rows=1 if cfg.header else 0)
     except pa.ArrowInvalid as exc:
@@ -347,7 +346,7 @@ def _parse_bytes(data: bytes, path: Path, cfg: RawFileConfig, names: list[str], 
     if not data:
         return pa.table({n: pa.array([], pa.string()) for n in names}), []
     try:
-        return _parse(io.BytesIO(data), path, cfg, names, sep, skip_rows=0)
+        return _parse(pa.BufferReader(data), path, cfg, names, sep, skip_rows=0)
     except pa.ArrowInvalid as exc:
         raise RawInputError(f"{path}: cannot parse as {cfg.sep!r}-separated text: {exc}") from exc
 
