@@ -339,7 +339,7 @@ def test_counts_of_batches_merged_fit_the_same_encoder_as_the_whole_table(splits
     whole = FeatureEncoder.fit(train, schema, p)
     total = None
     for start in range(0, len(train), 9_973):  # uneven batches: some values straddle them
-        total = merge_counts(total, count_fields(train.iloc[start : start + 9_973], schema, p))
+        total = merge_counts(total, count_fields(train.iloc[start : start + 9_973], schema))
     streamed = FeatureEncoder.from_counts(total, schema, p)
     assert streamed.to_dict() == whole.to_dict()
     assert any(f.kind == "multi_valued" for f in streamed.fields) and any(f.kind == "numeric" for f in streamed.fields)

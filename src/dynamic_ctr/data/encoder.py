@@ -154,7 +154,7 @@ class FieldCounts:
     a time (:mod:`dynamic_ctr.pipelines.streaming`) or from counts computed elsewhere.
 
     Attributes:
-        values: the distinct values (numeric fields: their bucket ids; multi-valued
+        values: the distinct values (numeric fields: their raw values; multi-valued
             fields: the items), null included when present.
         counts: ``(len(values),)`` int64, how many times each was seen.
         lengths: multi-valued fields only: ``lengths[k]`` rows held ``k`` items.
@@ -218,7 +218,7 @@ class FeatureEncoder:
     @classmethod
     def fit(cls, train: pd.DataFrame, schema: TableSchema, params: EncoderParams) -> FeatureEncoder:
         """Fit on the training split only."""
-        return cls.from_counts(count_fields(train, schema, params), schema, params)
+        return cls.from_counts(count_fields(train, schema), schema, params)
 
     @classmethod
     def from_counts(cls, counts: dict[str, FieldCounts], schema: TableSchema, params: EncoderParams) -> FeatureEncoder:
@@ -335,7 +335,7 @@ def _quantile_edges(counts: FieldCounts, buckets: int) -> list[float]:
     return np.unique(_quantiles_from_counts(values, n, np.linspace(0, 1, buckets + 1)[1:-1])).tolist()
 
 
-def count_fields(table: pd.DataFrame, schema: TableSchema, params: EncoderParams) -> dict[str, FieldCounts]:
+def count_fields(table: pd.DataFrame, schema: TableSchema) -> dict[str, FieldCounts]:
     """The :class:`FieldCounts` of every feature of ``table`` (numeric fields: raw values)."""
     missing = [c for c in schema.features if c not in table.columns]
     if missing:

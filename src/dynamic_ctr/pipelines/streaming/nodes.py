@@ -161,7 +161,7 @@ def fit_stream(
     support = pd.Series(dtype="int64")
     activity = pd.Series(dtype="int64")
     for part in train:
-        counts = merge_counts(counts, count_fields(part, schema, params))
+        counts = merge_counts(counts, count_fields(part, schema))
         support = support.add(domain_keys(part, domains.features).value_counts(), fill_value=0)
         if domains.frequency_key is not None:
             activity = activity.add(part.groupby(domains.frequency_key, sort=False).size(), fill_value=0)
