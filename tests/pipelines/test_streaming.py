@@ -100,6 +100,16 @@ def test_streaming_refuses_what_it_cannot_do_before_reading_a_row(tmp_path: Path
         next(ingest_stream(stream, {"adapter": "criteo"}, {**hashed, "method": "random"}))
     with pytest.raises(ValueError, match=r"unknown features.split parameter\(s\) \['keys'\]"):
         next(ingest_stream(stream, {"adapter": "criteo"}, {**hashed, "keys": ["id"]}))
+    with pytest.raises(ValueError, match=r"features.encoder.numeric_buckets='deciles'"):
+        next(ingest_stream(stream, {"adapter": "criteo"}, hashed, {"numeric_buckets": "deciles"}))
+
+
+def test_a_domain_column_the_log_lacks_stops_the_stream_at_its_first_batch(data_root: Path) -> None:
+    names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
+    cfg = RawFileConfig(filepath=str(data_root / CRITEO), sep="\t", header=False, quoted=False, names=tuple(names))
+    chunks = ingest_stream(RawStream({"clicks": cfg}, 300_000), {"adapter": "criteo"}, {"method": "hash"}, {}, {"features": ["C99"]})
+    with pytest.raises(ValueError, match=r"domains.features: column 'C99' is not in the table"):
+        next(chunks)
 
 
 def test_ingest_stream_yields_one_part_per_batch_then_publishes(data_root: Path) -> None:

@@ -63,8 +63,18 @@ def _split_params(params: dict[str, Any]) -> SplitParams:
     return split
 
 
-def ingest_stream(raw_stream: RawStream, ingestion: dict[str, Any], split_params: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+def ingest_stream(
+    raw_stream: RawStream,
+    ingestion: dict[str, Any],
+    split_params: dict[str, Any],
+    encoder_params: dict[str, Any] | None = None,
+    domain_params: dict[str, Any] | None = None,
+) -> Iterator[tuple[Any, ...]]:
     """Read, check and split the raw log batch by batch.
+
+    The parameters of the later nodes (encoder, domains) are checked first, and the
+    domain columns against the first batch, so a configuration that cannot work stops
+    the run before the log is read.
 
     Yields, per batch, Parts of: the clean train, validation and test rows, the
     quarantined rows (file, line, reason, row) and a one-row batch record (rows read,
@@ -74,8 +84,14 @@ def ingest_stream(raw_stream: RawStream, ingestion: dict[str, Any], split_params
     adapter = get_adapter(ingestion["adapter"])
     options = dict(ingestion.get("options") or {})
     split = _split_params(split_params)
+    EncoderParams(**(encoder_params or {}))
+    domains = DomainParams.from_dict(domain_params) if domain_params is not None else None
     for index, raw in enumerate(raw_stream.batches(role)):
         result = adapter({role: raw}, options)
+        if index == 0 and domains is not None:
+            domain_keys(result.table.head(0), domains.features)  # raises naming a missing column
+            if domains.frequency_key is not None and domains.frequency_key not in result.table.columns:
+                raise ValueError(f"domains.frequency_key={domains.frequency_key!r} is not a column of the table ({list(result.table.columns)})")
         keys = result.table[list(split.key_columns(result.schema.key_columns))]
         part = hash_parts(keys, split)
         parts = [result.table[part == i].reset_index(drop=True) for i in range(3)]
@@ -117,7 +133,10 @@ def summarise_ingestion(
     rows = int(batches["rows_kept"].sum())
     positives = sum(int(batches[f"positives_{s}"].sum()) for s in SPLITS)
     files = {path: file_report(int(batches["rows_read"].sum()), rows, by_reason, set_missing, True)}
-    notes = json.loads(batches["notes"].iloc[-1])
+    notes: dict[str, Any] = {}
+    for text in batches["notes"]:  # counts add up over the batches; texts are the same in each
+        for key, value in json.loads(text).items():
+            notes[key] = notes.get(key, 0) + value if isinstance(value, int | float) else value
     report = ingestion_report(ingestion, files, rows, positives / rows if rows else None, {**notes, "batches": len(batches)})
     check = quarantine_verdict(rows, report)
     split = _split_params(split_params)

@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 ingest_stream,
-                inputs=["raw_stream", "params:ingestion", "params:features.split"],
+                inputs=["raw_stream", "params:ingestion", "params:features.split", "params:features.encoder", "params:domains"],
                 outputs=[*(f"stream_primary_{s}" for s in SPLITS), "stream_quarantine", "stream_batches"],
                 name="ingest_stream",
             ),
