@@ -10,9 +10,9 @@ DataFrame: one part, published at once. The same entry can therefore be written 
 in-memory pipeline and by the streaming one.
 
 Loading gives the whole table as one DataFrame (what in-memory nodes want), or, with
-``lazy: true``, a :class:`ParquetParts` that streaming nodes read one part at a time.
-Two catalog entries (Kedro transcoding, ``name@frame`` and ``name@parts``) can read the
-same versions both ways.
+``lazy: true``, a :class:`ParquetParts` that streaming nodes read one part at a time, and
+that training reads by row group through a shuffle buffer of ``shuffle_buffer_rows``
+(``model_input_train`` larger than memory; README, "Scaling out").
 
 Catalog entry::
 
@@ -75,10 +75,15 @@ class Part:
 
 
 class ParquetParts:
-    """A published version: its parts in order, read one at a time."""
+    """A published version: its parts in order, read one at a time.
 
-    def __init__(self, folder: Path) -> None:
+    ``shuffle_buffer_rows``: when this is a training split, the rows training shuffles
+    together as it reads it by row group (:class:`dynamic_ctr.training.batching.RowGroupData`).
+    """
+
+    def __init__(self, folder: Path, shuffle_buffer_rows: int = 1_000_000) -> None:
         self.folder = folder
+        self.shuffle_buffer_rows = shuffle_buffer_rows
         manifest = json.loads((folder / MANIFEST).read_text())
         self.files = [folder / name for name in manifest["parts"]]
         self.rows = int(manifest["rows"])
@@ -105,12 +110,14 @@ class ParquetPartsDataset(AbstractVersionedDataset):
         *,
         filepath: str,
         lazy: bool = False,
+        shuffle_buffer_rows: int = 1_000_000,
         load_args: dict[str, Any] | None = None,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(filepath=PurePosixPath(filepath), version=version, exists_function=lambda p: Path(p).is_dir())
         self._lazy = lazy
+        self._shuffle_buffer_rows = int(shuffle_buffer_rows)
         self._load_args = dict(load_args or {})
         unknown = set(self._load_args) - {"dtype_backend", "columns"}
         if unknown:
@@ -173,7 +180,7 @@ class ParquetPartsDataset(AbstractVersionedDataset):
         folder = Path(str(self._get_load_path()))
         if not (folder / MANIFEST).is_file():
             raise DatasetError(f"{folder}: no {MANIFEST}: not a published ParquetPartsDataset version")
-        parts = ParquetParts(folder)
+        parts = ParquetParts(folder, self._shuffle_buffer_rows)
         if self._lazy:
             return parts
         return parts.to_pandas(self._load_args.get("columns"), self._load_args.get("dtype_backend"))

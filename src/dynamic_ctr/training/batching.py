@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from dynamic_ctr.spec import FeatureSpec
 
-__all__ = ["TensorData", "batches", "num_batches", "tensors_from_columns"]
+__all__ = ["RowGroupData", "TensorData", "batches", "num_batches", "tensors_from_columns"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,3 +187,105 @@ def batches(
     for start in range(0, stop, batch_size):
         idx = perm[start : start + batch_size]  # (B,)
         yield data.x.index_select(0, idx), data.y.index_select(0, idx)
+
+
+@dataclass(frozen=True, eq=False)
+class RowGroupData:
+    """A training split read from Parquet row groups: never whole in memory.
+
+    For a split larger than memory (``model_input_train`` loaded lazily, see
+    :class:`dynamic_ctr.io.parquet_parts.ParquetPartsDataset`). Every epoch
+    (:meth:`batches`):
+
+    1. visits the row groups of all files in an order drawn from the epoch's generator;
+    2. pours their rows into a buffer; once it holds ``buffer_rows`` rows, shuffles the
+       buffer (``randperm`` from the same generator), yields as many whole batches as it
+       holds and keeps the rest for the next fill;
+    3. at the end shuffles what is left and yields it (one last, smaller batch).
+
+    Each row is seen exactly once per epoch and the order is a function of the seed. A
+    batch mixes rows of the row groups in the buffer only, so ``buffer_rows`` should
+    span many row groups (a buffer holding the whole split is a full shuffle). Memory:
+    the buffer, as ``int64`` tensors of ``S`` slots.
+
+    Args:
+        files: Parquet files, in order.
+        spec: the feature spec (slot order, label, vocabulary bounds).
+        device: where batches are built.
+        buffer_rows: rows held and shuffled together.
+        limit: read only the first ``limit`` rows (``training.limits.train_rows``).
+    """
+
+    files: tuple[str, ...]
+    spec: FeatureSpec
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    buffer_rows: int = 1_000_000
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 1:
+            raise ValueError(f"buffer_rows={self.buffer_rows} must be >= 1")
+        if not self.files:
+            raise ValueError("RowGroupData needs at least one Parquet file")
+
+    def _groups(self) -> list[tuple[str, int, int]]:
+        """``(file, row group, rows to read)`` in file order, up to ``limit`` rows."""
+        import pyarrow.parquet as pq
+
+        groups, left = [], self.limit
+        for path in self.files:
+            meta = pq.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if left is not None:
+                    n = min(n, left)
+                    left -= n
+                if n:
+                    groups.append((path, g, n))
+        return groups
+
+    def __len__(self) -> int:
+        return sum(n for _, _, n in self._groups())
+
+    def read(self, path: str, group: int, rows: int) -> TensorData:
+        """One row group (its first ``rows`` rows) as tensors on the device."""
+        import pyarrow.parquet as pq
+
+        columns = [*self.spec.index_columns, self.spec.label]
+        table = pq.ParquetFile(path).read_row_group(group, columns=columns).slice(0, rows)
+        return tensors_from_columns({c: table.column(c).to_numpy() for c in columns}, self.spec, self.device, group_columns=[])
+
+    def summary(self) -> dict[str, object]:
+        """What a resume state records of the split: its files' sizes and row groups."""
+        return {"files": [[str(p), Path(p).stat().st_size] for p in self.files], "groups": [[g, n] for _, g, n in self._groups()],
+                "buffer_rows": self.buffer_rows}
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of shuffled minibatches ``(x (B, S), y (B,))``, each row exactly once."""
+        if batch_size < 1:
+            raise ValueError(f"{batch_size=} must be >= 1")
+        groups = self._groups()
+        order = torch.randperm(len(groups), generator=generator, device=self.device).tolist()
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        held = 0
+
+        def drain(final: bool) -> Iterator[tuple[Tensor, Tensor]]:
+            nonlocal xs, ys, held
+            x, y = torch.cat(xs), torch.cat(ys)
+            perm = torch.randperm(held, generator=generator, device=self.device)
+            x, y = x.index_select(0, perm), y.index_select(0, perm)
+            stop = held if final else held - held % batch_size
+            for start in range(0, stop, batch_size):
+                yield x[start : start + batch_size], y[start : start + batch_size]
+            xs, ys, held = [x[stop:]], [y[stop:]], held - stop
+
+        for i in order:
+            part = self.read(*groups[i])
+            xs.append(part.x)
+            ys.append(part.y)
+            held += len(part)
+            if held >= self.buffer_rows:
+                yield from drain(final=False)
+        if held:
+            yield from drain(final=True)

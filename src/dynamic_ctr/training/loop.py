@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dynamic_ctr.training import resume as _resume
-from dynamic_ctr.training.batching import TensorData, batches, num_batches
+from dynamic_ctr.training.batching import RowGroupData, TensorData, batches, num_batches
 from dynamic_ctr.training.device import flush_denormals, make_generator
 from dynamic_ctr.training.metrics import auc, evaluate, log_loss
 from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL
@@ -291,7 +291,7 @@ def _check_finite(
 
 def train(
     model: nn.Module,
-    train: TensorData,
+    train: TensorData | RowGroupData,
     valid: TensorData,
     cfg: TrainConfig | None = None,
     *,
@@ -310,7 +310,9 @@ def train(
 
     Args:
         model: maps ``x (B, S)`` int64 to logits ``(B,)``.
-        train: training split (already on the device).
+        train: training split (already on the device), or a :class:`RowGroupData`
+            read row group by row group through a shuffle buffer (one process, no
+            ``adapt``).
         valid: validation split, on the same device; must hold both classes.
         cfg: hyper-parameters; ``None`` = ``TrainConfig()``.
         on_epoch_end: called as ``on_epoch_end(epoch, val_auc)`` after each epoch's
@@ -354,6 +356,11 @@ def train(
             f"train ({len(train)} rows) and valid ({len(valid)} rows) must be non-empty"
         )
     ddp = world if world is not None and world.size > 1 else None
+    if isinstance(train, RowGroupData) and (ddp is not None or callable(getattr(model, "adapt", None))):
+        raise ValueError(
+            "a training split read by row group (RowGroupData) trains in one process and without a per-domain "
+            f"adaptation over the whole split ({type(model).__name__}, {'data-parallel' if ddp else 'adapt()'}): load it into memory"
+        )
     if ddp is not None:
         ddp.check_supported(model, cfg.batch_size, checkpoint_dir)
         if len(train) < ddp.size:
@@ -429,7 +436,9 @@ def train(
             dynamic_ncols=True,
         ) as bar:
             # (x, y, rows): rows = the global-batch rows this step's mean loss stands for
-            if ddp is None:
+            if isinstance(train, RowGroupData):  # read by row group through a shuffle buffer
+                batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in train.batches(cfg.batch_size, shuffle_gen))
+            elif ddp is None:
                 shuffled = batches(train, cfg.batch_size, shuffle=True, generator=shuffle_gen)
                 batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in shuffled)
             else:  # this rank's slice of each global batch, rows = R / W

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynamic_ctr.training.batching import RowGroupData
 from dynamic_ctr.training.checkpoint import CheckpointError, sha256_file
 
 if TYPE_CHECKING:
@@ -110,8 +111,11 @@ _STATE_KEYS = {
 # ---------------------------------------------------------------- run description
 
 
-def _data_summary(data: TensorData) -> dict[str, Any]:
-    """Shape and an order-sensitive checksum of one split (a few passes on the device)."""
+def _data_summary(data: TensorData | RowGroupData) -> dict[str, Any]:
+    """Shape and an order-sensitive checksum of one split (a few passes on the device);
+    for a split read by row group, its files' sizes and row groups."""
+    if isinstance(data, RowGroupData):
+        return data.summary()
     n, s = data.x.shape
     rows = data.x.sum(dim=1)  # (N,) int64
     weight = torch.arange(n, device=data.x.device, dtype=torch.int64) % 65521 + 1
@@ -126,7 +130,7 @@ def _json_able(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=repr))
 
 
-def run_description(model: nn.Module, cfg: TrainConfig, train: TensorData, valid: TensorData) -> dict[str, Any]:
+def run_description(model: nn.Module, cfg: TrainConfig, train: TensorData | RowGroupData, valid: TensorData) -> dict[str, Any]:
     """What a resume state belongs to: every result-relevant :class:`TrainConfig`
     field, the model (class, ``config`` if any, parameter/buffer names, shapes and
     dtypes), the device type and a checksum of both splits. JSON-able."""

@@ -11,8 +11,9 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from dynamic_ctr.io.parquet_parts import ParquetParts
 from dynamic_ctr.spec import FeatureSpec
-from dynamic_ctr.training.batching import TensorData, tensors_from_columns
+from dynamic_ctr.training.batching import RowGroupData, TensorData, tensors_from_columns
 from dynamic_ctr.training.device import resolve_device
 from dynamic_ctr.training.resume import remove_state
 from dynamic_ctr.training.tuning import (
@@ -44,6 +45,17 @@ def _fingerprint(*parts: Any) -> str:
 def variant_train_frame(train_frame: pd.DataFrame, entry: dict[str, Any]) -> pd.DataFrame:
     """The training rows of a planned variant: the first ``train_rows`` when the plan caps them."""
     return train_frame.iloc[: int(entry["train_rows"])] if entry.get("train_rows") else train_frame
+
+
+def variant_train_data(train: pd.DataFrame | ParquetParts, entry: dict[str, Any], spec: FeatureSpec, device: Any) -> TensorData | RowGroupData:
+    """A planned variant's training rows as tensors, or, for a split loaded lazily
+    (``model_input_train`` with ``lazy: true``), read by row group through a shuffle buffer."""
+    if isinstance(train, ParquetParts):
+        limit = int(entry["train_rows"]) if entry.get("train_rows") else None
+        data = RowGroupData(tuple(str(f) for f in train.files), spec, device, train.shuffle_buffer_rows, limit)
+        logger.info("training split read by row group: %d rows, shuffle buffer %d rows", len(data), data.buffer_rows)
+        return data
+    return frame_to_tensors(variant_train_frame(train, entry), spec, device)
 
 
 def variant_study_name(variant_name: str, entry: dict[str, Any], feature_spec: dict[str, Any], train_rows: int, valid_rows: int) -> str:
@@ -94,12 +106,13 @@ def train_variant(
         return {}, not_applicable_summary(variant_name, entry), pd.DataFrame(), pd.DataFrame()
     spec = FeatureSpec.from_dict(feature_spec)
     device = resolve_device(device_name)
-    train_frame = variant_train_frame(train_frame, entry)
-    train_data = frame_to_tensors(train_frame, spec, device)
+    train_data = variant_train_data(train_frame, entry, spec, device)
+    if isinstance(valid_frame, ParquetParts):  # validation always scores from memory
+        valid_frame = valid_frame.to_pandas(dtype_backend=None)
     valid_data = frame_to_tensors(valid_frame, spec, device)
     base = {"model": entry["model"], "train": entry["train"]}
     space, seeds = entry["search_space"], entry["seeds"]
-    study_name = variant_study_name(variant_name, entry, feature_spec, len(train_frame), len(valid_frame))
+    study_name = variant_study_name(variant_name, entry, feature_spec, len(train_data), len(valid_frame))
     study_cfg = StudyConfig(study_name=study_name, **entry["study"])
     logger.info("variant %s: tuning on %s (%d train rows), study %s", variant_name, device, len(train_data), study_cfg.study_name)
     result = tune(base, space, spec, train_data, valid_data, study_cfg)
