@@ -59,7 +59,7 @@ def test_every_row_once_per_epoch_in_full_batches(encoded, buffer_rows):
     data = RowGroupData(paths, spec, buffer_rows=buffer_rows)
     whole = tensors_from_columns({c: frame[c].to_numpy() for c in [*spec.index_columns, spec.label]}, spec, group_columns=[])
     assert len(data) == len(frame) > 70_000
-    groups = data._groups()
+    groups = data.groups
     assert len(groups) > 4 and {p for p, _, _ in groups} == set(paths)
     out = _epoch(data, 1024, seed=1)
     assert len(out) == -(-len(frame) // 1024) and all(len(y) == 1024 for _, y in out[:-1])

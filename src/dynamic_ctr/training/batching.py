@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +229,10 @@ class RowGroupData:
         if not self.files:
             raise ValueError("RowGroupData needs at least one Parquet file")
 
-    def _groups(self) -> list[tuple[str, int, int]]:
-        """``(file, row group, rows to read)`` in file order, up to ``limit`` rows."""
+    @cached_property
+    def groups(self) -> tuple[tuple[str, int, int], ...]:
+        """``(file, row group, rows to read)`` in file order, up to ``limit`` rows (read
+        once from the files' footers)."""
         import pyarrow.parquet as pq
 
         groups, left = [], self.limit
@@ -242,10 +245,10 @@ class RowGroupData:
                     left -= n
                 if n:
                     groups.append((path, g, n))
-        return groups
+        return tuple(groups)
 
     def __len__(self) -> int:
-        return sum(n for _, _, n in self._groups())
+        return sum(n for _, _, n in self.groups)
 
     def read(self, path: str, group: int, rows: int) -> TensorData:
         """One row group (its first ``rows`` rows) as tensors on the device."""
@@ -257,14 +260,14 @@ class RowGroupData:
 
     def summary(self) -> dict[str, object]:
         """What a resume state records of the split: its files' sizes and row groups."""
-        return {"files": [[str(p), Path(p).stat().st_size] for p in self.files], "groups": [[g, n] for _, g, n in self._groups()],
+        return {"files": [[str(p), Path(p).stat().st_size] for p in self.files], "groups": [[g, n] for _, g, n in self.groups],
                 "buffer_rows": self.buffer_rows}
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of shuffled minibatches ``(x (B, S), y (B,))``, each row exactly once."""
         if batch_size < 1:
             raise ValueError(f"{batch_size=} must be >= 1")
-        groups = self._groups()
+        groups = self.groups
         order = torch.randperm(len(groups), generator=generator, device=self.device).tolist()
         xs: list[Tensor] = []
         ys: list[Tensor] = []

@@ -30,9 +30,14 @@ def fit_frequency_groups(train: pd.DataFrame, encoder: dict[str, Any], params: d
     settings = DomainParams.from_dict(params)
     key = settings.frequency_key
     if key is None:
-        return pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
-                             "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
+        return no_frequency_groups()
     return with_key_index(frequency_groups(train, key, settings.frequency_groups), encoder, key)
+
+
+def no_frequency_groups() -> pd.DataFrame:
+    """The activity-group table when no ``frequency_key`` is set: its columns, no row."""
+    return pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
+                         "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
 
 
 def with_key_index(table: pd.DataFrame, encoder: dict[str, Any], key: str) -> pd.DataFrame:

@@ -42,6 +42,7 @@ from dynamic_ctr.io.raw_source import RawStream
 from dynamic_ctr.pipelines.domains.nodes import (
     DOMAIN_FIELD,
     model_feature_spec,
+    no_frequency_groups,
     with_domain_columns,
     with_key_index,
 )
@@ -190,8 +191,7 @@ def fit_stream(
     spec = spec_with_roles(encoder.feature_spec().to_dict(), roles)
     domain_encoder = DomainEncoder.from_support(support.astype("int64"), domains)
     if domains.frequency_key is None:
-        groups = pd.DataFrame({"key": pd.Series(dtype="str"), "key_index": pd.Series(dtype="int32"),
-                               "interactions": pd.Series(dtype="int64"), "group": pd.Series(dtype="int8")})
+        groups = no_frequency_groups()
     else:
         groups = frequency_groups_from_counts(activity.astype("int64"), domains.frequency_key, domains.frequency_groups)
         groups = with_key_index(groups, encoder.to_dict(), domains.frequency_key)
