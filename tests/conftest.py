@@ -23,6 +23,25 @@ def project_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_train_encoded():
+    """``(feature spec, encoded training frame)`` of the shipped MovieLens latest-small
+    data (70,585 rows), split and encoded as the pipeline does."""
+    from dynamic_ctr.data.adapters import movielens_latest
+    from dynamic_ctr.data.encoder import EncoderParams, FeatureEncoder, aggregate_item_lists
+    from dynamic_ctr.data.raw import RawFileConfig, read_raw
+    from dynamic_ctr.data.split import SplitParams, split_frame
+
+    small = PROJECT_ROOT / "data/01_raw/ml-latest-small"
+    files = {k: read_raw(RawFileConfig(filepath=str(small / f"{k}.csv"))) for k in ("ratings", "movies", "tags")}
+    result = movielens_latest(files, {})
+    train_rows, valid, test = split_frame(result.table, SplitParams(), result.schema.time_key)
+    train_rows, _, _ = aggregate_item_lists(train_rows, [valid, test], result.schema)
+    encoder = FeatureEncoder.fit(train_rows, result.schema, EncoderParams())
+    frame, _ = encoder.transform(train_rows)
+    return encoder.feature_spec(), frame
+
+
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     """The external data root from ``DYNAMIC_CTR_DATA_ROOT`` (read only)."""
     value = os.environ.get("DYNAMIC_CTR_DATA_ROOT", "").strip()

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from kedro.framework.session import KedroSession
 
@@ -108,3 +109,27 @@ def test_second_run_resumes_the_studies_and_reproduces_the_metrics(project: Path
     # The study was complete in storage: nothing re-tuned, the best model was rebuilt.
     assert tuning["retrained_best"] is True
     assert len(list((project / "data/08_reporting/tiny/apg/summary.json").iterdir())) == 2
+
+
+def test_the_training_node_trains_data_parallel(project: Path, project_maker, tmp_path: Path, monkeypatch) -> None:
+    """``--params training.data_parallel.ranks=2``: the training node trains every trial
+    and seed on two gloo ranks, and folding, scoring and the report take its models as
+    they take a single process's. With the base config (one trial, no dropout) the two
+    runs agree to float32 summation order (tests/training/test_distributed.py)."""
+    make_project, _ = project_maker
+    single = make_project(tmp_path / "single", monkeypatch)
+    summaries = {}
+    for root, ranks in ((single, 1), (project, 2)):
+        monkeypatch.chdir(root)  # the catalog's paths are relative
+        _keep_variants(root)
+        params = {"training": {"limits": {"n_trials": 1}, "data_parallel": {"ranks": ranks}}}
+        with KedroSession.create(project_path=root, env="tiny", runtime_params=params) as session:
+            session.run(pipeline_names=["apg"])
+        summaries[ranks] = json.loads(_latest(root, "data/08_reporting/tiny/apg/summary.json").read_text())
+    for name in VARIANTS:
+        tuning = json.loads(_latest(project, f"data/06_models/tiny/{name}/tuning_summary.json").read_text())
+        assert tuning["data_parallel"] == {"ranks": 2, "reason": None}, name
+    for one, two in zip(summaries[1]["variants"], summaries[2]["variants"], strict=True):
+        assert one["name"] == two["name"] and two["folding_check"]["passed"]
+        assert two["test_auc"] == pytest.approx(one["test_auc"], abs=1e-3), one["name"]
+        assert two["test_logloss"] == pytest.approx(one["test_logloss"], abs=1e-3), one["name"]

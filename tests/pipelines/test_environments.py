@@ -71,7 +71,7 @@ def test_every_documented_environment_is_covered() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env", [*SHIPPED, *FROM_DATA_ROOT, *WRITERS])
-def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.FixtureRequest, monkeypatch, tmp_path) -> None:
+def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.FixtureRequest, monkeypatch, tmp_path, caplog) -> None:
     if env in SHIPPED:
         shutil.copytree(PROJECT / "data/01_raw/ml-latest-small", project / "data/01_raw/ml-latest-small")
     else:
@@ -90,6 +90,9 @@ def test_environment_runs_end_to_end(env: str, project: Path, request: pytest.Fi
     assert set(DEFAULT_SUITES) == set(SUITES)  # every suite runs on every data set today
     for suite in SUITES:
         _check_suite_report(project, env, suite)
+    if env in ("criteo", "avazu"):  # a lazily loaded training split that fits: read into memory
+        decisions = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training split read")]
+        assert decisions and all(m.startswith("training split read into memory") for m in decisions)
 
 
 def _check_suite_report(project: Path, env: str, suite: str, variant_set: str = "default") -> None:

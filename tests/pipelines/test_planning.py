@@ -250,3 +250,32 @@ def test_full_only_variants_are_checked_but_left_out_of_the_default_set(spec) ->
         plan_suite(spec, training, broken, suite="s", registered=["wdl", "big"])
     with pytest.raises(SuitePlanError, match="training.variant_set='all' must be one of"):
         plan_suite(spec, {**training, "variant_set": "all"}, suite, suite="s", registered=["wdl", "big"])
+
+
+def test_data_parallel_ranks_are_planned_per_variant(tiny) -> None:
+    """``training.data_parallel.ranks``: every variant DDP can train gets the ranks and no
+    per-epoch resume state; STAR (sparse per-domain gradients) and MAML (its own
+    objective) fall back to one process with the reason; a global batch the ranks cannot
+    divide, or a bad setting, stops the plan."""
+    from dynamic_ctr.spec import FieldSpec
+
+    suite = yaml.safe_load((PROJECT / "conf/base/parameters_multidomain.yml").read_text())["multidomain"]
+    names = suite_variant_names("multidomain", PROJECT)
+    spec = {**tiny[0].with_field(FieldSpec("domain", "categorical", vocab_size=9, source="domain"), domain_field="domain").to_dict(),
+            "context_field": "hour"}
+    training = deep_merge(TRAINING, {"data_parallel": {"ranks": 2}})
+    variants = plan_suite(spec, training, suite, suite="multidomain", registered=names)["variants"]
+    assert variants["md_dnn"]["data_parallel"] == {"ranks": 2, "reason": None}
+    assert variants["md_dnn"]["study"]["checkpoint_dir"] is None
+    assert variants["star"]["data_parallel"]["ranks"] == 1
+    assert "trains in one process: model STAR has parameters with sparse gradients" in variants["star"]["data_parallel"]["reason"]
+    maml = next(n for n in names if "maml" in n)
+    assert variants[maml]["data_parallel"]["ranks"] == 1 and "meta_loss" in variants[maml]["data_parallel"]["reason"]
+    single = plan_suite(spec, TRAINING, suite, suite="multidomain", registered=names)["variants"]["md_dnn"]
+    assert single["data_parallel"] == {"ranks": 1, "reason": None} and single["study"]["checkpoint_dir"]
+
+    with pytest.raises(SuitePlanError, match=r"md_dnn: training.data_parallel.ranks=3 does not divide the global batch size\(s\) \[1024\]"):
+        plan_suite(spec, deep_merge(TRAINING, {"data_parallel": {"ranks": 3}}), suite, suite="multidomain", registered=names)
+    for bad, message in (({"ranks": 0}, "must be an int >= 1"), ({"procs": 2}, r"unknown key\(s\) \['procs'\]")):
+        with pytest.raises(SuitePlanError, match=message):
+            plan_suite(spec, {**TRAINING, "data_parallel": bad}, suite, suite="multidomain", registered=names)

@@ -125,31 +125,22 @@ def test_ingest_stream_yields_one_part_per_batch_then_publishes(data_root: Path)
     assert shares == pytest.approx([0.7, 0.1, 0.2], abs=0.02)
 
 
-LAZY_TRAIN = """
-# A training split larger than memory: read by row group through a shuffle buffer.
-model_input_train:
-  type: dynamic_ctr.io.parquet_parts.ParquetPartsDataset
-  filepath: data/05_model_input/${globals:dataset}/train.parquet
-  versioned: true
-  lazy: true
-  shuffle_buffer_rows: 2000
-"""
-
-
 @pytest.mark.slow
 def test_a_suite_trains_on_a_split_read_by_row_group(project: Path, data_root: Path, monkeypatch, caplog) -> None:
-    """`kedro run --env criteo --pipeline stream_dynint` with model_input_train loaded lazily:
+    """`kedro run --env criteo --pipeline stream_dynint` with a training split over the
+    in-memory limit (``training.in_memory_limit_mb``, here 0.1 MB against 3000 rows' 0.9 MB):
     every variant trains from the row groups (smoke budget) and is reported."""
     catalog = project / "conf/criteo/catalog.yml"
-    catalog.write_text(catalog.read_text() + LAZY_TRAIN)
+    catalog.write_text(catalog.read_text().replace("shuffle_buffer_rows: 2000000", "shuffle_buffer_rows: 2000"))
     monkeypatch.setenv("DYNAMIC_CTR_DATA_ROOT", str(data_root))
-    smoke = {"training": {"limits": {"n_trials": 1, "max_epochs": 1, "seeds": 1, "train_rows": 3000}}, "batch_mb": 0.5}
+    smoke = {"training": {"limits": {"n_trials": 1, "max_epochs": 1, "seeds": 1, "train_rows": 3000}, "in_memory_limit_mb": 0.1},
+             "batch_mb": 0.5}
     with KedroSession.create(project_path=project, env="criteo", runtime_params=smoke) as session:
         session.run(pipeline_names=["stream_dynint"])
     summary = json.loads(_versions(project, "data/08_reporting/criteo/dynint/summary.json")[-1].read_text())
     assert len(summary["variants"]) >= 10
     read = [r.getMessage() for r in caplog.records if "read by row group" in r.getMessage()]
-    assert len(read) == len(summary["variants"]) and all("3000 rows, shuffle buffer 2000 rows" in m for m in read)
+    assert len(read) == len(summary["variants"]) and all("read by row group: 3000 rows (" in m and "shuffle buffer 2000 rows" in m for m in read)
     assert all(0.5 < v["test_auc"] < 1 for v in summary["variants"]), [(v["name"], v["test_auc"]) for v in summary["variants"]]
     parts = list((project / "data/05_model_input/criteo/train.parquet").glob("*/train.parquet/part-*.parquet"))
     assert len(parts) >= 4  # the split the variants read group by group

@@ -41,6 +41,8 @@ from dynamic_ctr.training import (
 )
 from dynamic_ctr.training.device import seed_everything
 from dynamic_ctr.training.distributed import (
+    LocalRanks,
+    RankFailure,
     World,
     distributed,
     init_from_env,
@@ -360,3 +362,79 @@ def test_torchrun_entry_point_writes_model_and_metrics_from_rank_0(
     lines = stderr.splitlines()
     assert any(line.startswith("[rank 0]") and "wrote" in line for line in lines)
     assert not any(line.startswith("[rank 1]") and " INFO: " in line for line in lines)
+
+
+# ---------------------------------------------------------------------- ranks started by the training node
+
+
+@pytest.fixture(scope="module")
+def ranks(split_dir: Path):
+    """Two gloo ranks of the training node's kind, on the split in memory, kept for the
+    module's tests (started by their first ``fit``)."""
+    spec, tr, va, _ = load_split(split_dir)
+    with LocalRanks(2, "cpu", spec, tr, va) as started:
+        yield started
+
+
+def test_local_ranks_train_as_one_process_and_stop_when_the_callback_says(
+    ranks: LocalRanks, reference: dict[str, Any]
+) -> None:
+    """The node's ranks: rank 0's model equals the single-process run within ``ATOL``; an
+    Optuna-style pruning raised by the callback here stops every rank (the next config
+    trains on the same ranks); a rank's error reaches the caller, with its rank."""
+    import optuna
+
+    seen: list[tuple[int, float]] = []
+    result = ranks.fit(CONFIG, lambda epoch, auc: seen.append((epoch, auc)), None)
+    _assert_close(result.model.state_dict(), reference["state"])
+    assert result.best_epoch == reference["best_epoch"]
+    assert seen == [(h["epoch"], h["val_auc"]) for h in result.history]
+    assert [h["val_auc"] for h in result.history] == pytest.approx([h["val_auc"] for h in reference["history"]], abs=1e-4)
+
+    def prune(epoch: int, auc: float) -> None:
+        raise optuna.TrialPruned(f"epoch {epoch}")
+
+    with pytest.raises(optuna.TrialPruned, match="epoch 1"):
+        ranks.fit(CONFIG, prune, None)
+    processes = list(ranks._processes or [])
+    again = ranks.fit(CONFIG, None, None)  # the same ranks, the same result
+    assert ranks._processes == processes
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+
+    with pytest.raises(ValueError, match="family=.nope. must be one of") as error:
+        ranks.fit({**CONFIG, "model": {**CONFIG["model"], "family": "nope"}}, None, None)
+    assert "raised on rank" in "".join(getattr(error.value, "__notes__", []))
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        ranks.fit(CONFIG, None, "somewhere")
+
+
+def test_a_rank_killed_mid_run_stops_the_fit_and_the_next_fit_starts_fresh_ranks(
+    ranks: LocalRanks, reference: dict[str, Any]
+) -> None:
+    def kill_rank_1(epoch: int, auc: float) -> None:
+        os.kill(ranks._processes[1].pid, signal.SIGKILL)
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match=r"(killed|ended) during training: .*rank 1 exited with code -9 \(SIGKILL\)"):
+        ranks.fit(CONFIG, kill_rank_1, None)
+    assert time.monotonic() - started < TIMEOUT_S and ranks._processes is None  # every rank ended
+    result = ranks.fit(CONFIG, None, None)
+    _assert_close(result.model.state_dict(), reference["state"])
+
+
+def test_local_ranks_read_their_own_row_groups(split_dir: Path, tmp_path: Path) -> None:
+    """A split read by row group: each of the two ranks reads only its own row groups
+    (their shards are checked in tests/training/test_row_groups.py) and the model learns."""
+    import pyarrow.parquet as pq
+
+    from dynamic_ctr.training.batching import RowGroupData
+
+    spec, _, va, paths = load_split(split_dir)
+    rows = tmp_path / "train.parquet"
+    pq.write_table(pq.read_table(paths["train.parquet"]), rows, row_group_size=200)
+    data = RowGroupData((str(rows),), spec, buffer_rows=1000)
+    config = {**CONFIG, "train": {**CONFIG["train"], "batch_size": 64, "max_epochs": 3}}
+    with LocalRanks(2, "cpu", spec, data, va) as row_ranks:
+        result = row_ranks.fit(config, None, None)
+    assert result.history[-1]["val_auc"] > 0.6
+    assert result.history[-1]["samples_per_s"] > 0

@@ -417,6 +417,7 @@ def test_kill_9_during_a_study_fails_the_trial_and_retries_it_from_its_checkpoin
 
 def test_train_variant_resumes_its_seeds_and_deletes_their_state(tmp_path, spec, columns_factory, monkeypatch):
     from dynamic_ctr.pipelines.training import nodes
+    from dynamic_ctr.training import tuning
 
     frames = [pd.DataFrame(columns_factory(n, seed=s)[0]) for n, s in ((1500, 1), (800, 2))]
     study = {k: v for k, v in dataclasses.asdict(_study_cfg(tmp_path, "unused")).items() if k != "study_name"}
@@ -428,16 +429,19 @@ def test_train_variant_resumes_its_seeds_and_deletes_their_state(tmp_path, spec,
     }  # fmt: skip
     plan = {"variants": {"v": entry}}
     fits = []
-    real_fit = nodes.fit
+    real_fit = tuning.fit
 
     def crashing_fit(config, *args, **kwargs):
         result = real_fit(config, *args, **kwargs)
-        fits.append((config["train"]["seed"], result.resumed_from_epoch, kwargs.get("checkpoint_dir")))
+        directory = kwargs.get("checkpoint_dir")
+        if directory is None or not Path(directory).name.startswith("seed_"):
+            return result  # a tuning trial
+        fits.append((config["train"]["seed"], result.resumed_from_epoch, directory))
         if config["train"]["seed"] == 7 and len(fits) == 2:
             raise _Crash  # killed after seed 7's last epoch, before the node returned
         return result
 
-    monkeypatch.setattr(nodes, "fit", crashing_fit)
+    monkeypatch.setattr(tuning, "fit", crashing_fit)
     with pytest.raises(_Crash):
         nodes.train_variant(*frames, spec.to_dict(), plan, "cpu", variant_name="v")
     seed_dirs = [Path(d) for _, _, d in fits]

@@ -12,28 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from dynamic_ctr.data.adapters import movielens_latest
-from dynamic_ctr.data.encoder import EncoderParams, FeatureEncoder, aggregate_item_lists
-from dynamic_ctr.data.raw import RawFileConfig, read_raw
-from dynamic_ctr.data.split import SplitParams, split_frame
 from dynamic_ctr.training import make_generator, train
 from dynamic_ctr.training.batching import RowGroupData, tensors_from_columns
 from dynamic_ctr.training.loop import TrainConfig
 
-SMALL = Path(__file__).resolve().parents[2] / "data/01_raw/ml-latest-small"
 GROUP = 5000
 
 
 @pytest.fixture(scope="module")
-def encoded(tmp_path_factory):
+def encoded(tmp_path_factory, small_train_encoded):
     """The encoded training split (70,585 rows), written as 2 files of 5,000-row groups."""
-    files = {k: read_raw(RawFileConfig(filepath=str(SMALL / f"{k}.csv"))) for k in ("ratings", "movies", "tags")}
-    result = movielens_latest(files, {})
-    train_rows, valid, test = split_frame(result.table, SplitParams(), result.schema.time_key)
-    train_rows, _, _ = aggregate_item_lists(train_rows, [valid, test], result.schema)
-    encoder = FeatureEncoder.fit(train_rows, result.schema, EncoderParams())
-    frame, _ = encoder.transform(train_rows)
-    spec = encoder.feature_spec()
+    spec, frame = small_train_encoded
     folder = tmp_path_factory.mktemp("row_groups")
     half = len(frame) // 2
     paths = []
@@ -128,5 +117,52 @@ def test_models_that_adapt_on_the_whole_split_are_refused(encoded):
             pass
 
     valid = tensors_from_columns({c: frame[c].to_numpy()[:300] for c in [*spec.index_columns, spec.label]}, spec, group_columns=[])
-    with pytest.raises(ValueError, match=r"read by row group .* \(Adapting, adapt\(\)\): load it into memory"):
+    with pytest.raises(ValueError, match=r"read by row group .* \(Adapting defines adapt\(\)\): load it into memory"):
         train(Adapting(spec), RowGroupData(paths, spec), valid, TrainConfig(max_epochs=1, progress=False))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_read_disjoint_shards_in_equal_steps(encoded, world_size):
+    """Data-parallel reading: each rank reads only its own row groups (disjoint, together
+    the split), all ranks take the same number of full micro-batches, and the rows left
+    out are fewer than the shards' imbalance plus one micro-batch per rank."""
+    spec, _, paths = encoded
+    data = RowGroupData(paths, spec, buffer_rows=12_000)
+    micro = 512
+    order = torch.randperm(len(data.groups), generator=make_generator(11)).tolist()
+    shards = [data.shard_groups(order, r, world_size) for r in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(len(data.groups)))
+    epochs = [_rank_epoch(data, micro, 11, r, world_size) for r in range(world_size)]
+    steps = data.sharded_steps(micro, world_size, order)
+    assert [len(e) for e in epochs] == [steps] * world_size
+    assert all(x.shape[0] == micro for e in epochs for x, _ in e)
+    sizes = [sum(data.groups[i][2] for i in shard) for shard in shards]
+    seen = [_rows(torch.cat([x for x, _ in e]), torch.cat([y for _, y in e])) for e in epochs]
+    for rank, rows in enumerate(seen):  # a rank's rows come from its own row groups only
+        assert len(rows) == steps * micro and _is_sub_multiset(rows, _rows_of(data, shards[rank]))
+    left_out = len(data) - sum(len(r) for r in seen)
+    assert 0 <= left_out < (max(sizes) - min(sizes)) * world_size + micro * world_size
+    assert _rank_epoch(data, micro, 11, 0, world_size)[0][0].equal(epochs[0][0][0])  # seeded
+
+
+def test_a_shard_smaller_than_a_micro_batch_is_refused(encoded):
+    spec, _, paths = encoded
+    data = RowGroupData(paths, spec, limit=3 * GROUP)
+    with pytest.raises(ValueError, match="fewer than 8000 rows .* for 2 ranks"):
+        _rank_epoch(data, 8000, 1, 0, 2)
+
+
+def _rank_epoch(data: RowGroupData, micro: int, seed: int, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(data.batches(micro, make_generator(seed), rank=rank, world_size=world_size))
+
+
+def _rows_of(data: RowGroupData, indices: list[int]) -> np.ndarray:
+    parts = [data.read(*data.groups[i]) for i in indices]
+    return _rows(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+
+def _is_sub_multiset(rows: np.ndarray, whole: np.ndarray) -> bool:
+    from collections import Counter
+
+    have, want = Counter(map(bytes, rows)), Counter(map(bytes, whole))
+    return all(want[k] >= n for k, n in have.items())

@@ -9,6 +9,7 @@ Symbols: N rows, S slots (``len(spec.index_columns)``), B batch size.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -263,12 +264,57 @@ class RowGroupData:
         return {"files": [[str(p), Path(p).stat().st_size] for p in self.files], "groups": [[g, n] for _, g, n in self.groups],
                 "buffer_rows": self.buffer_rows}
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """One epoch of shuffled minibatches ``(x (B, S), y (B,))``, each row exactly once."""
+    def shard_groups(self, order: list[int], rank: int, world_size: int) -> list[int]:
+        """Rank ``rank``'s row groups of an epoch's group ``order``: every ``world_size``-th
+        one from position ``rank``, so the ranks' shards are disjoint and cover the split."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"{rank=} must be in [0, {world_size=})")
+        return order[rank::world_size]
+
+    def sharded_steps(self, rank_batch: int, world_size: int, order: list[int]) -> int:
+        """Steps of an epoch whose group order is ``order`` when each of ``world_size``
+        ranks reads its own shard (:meth:`shard_groups`) in micro-batches of
+        ``rank_batch`` rows: the smallest shard's whole micro-batches, the same on
+        every rank (each knows every group's size from the footers)."""
+        groups = self.groups
+        return min(sum(groups[i][2] for i in self.shard_groups(order, r, world_size)) // rank_batch for r in range(world_size))
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of shuffled minibatches ``(x (B, S), y (B,))``, each row exactly once.
+
+        With ``world_size > 1`` (data-parallel training, one call per rank) the rank
+        reads only its shard of the row groups and yields micro-batches of ``batch_size``
+        rows (the global batch divided by the ranks), exactly :meth:`sharded_steps` of
+        them, so every rank takes the same number of steps: rows beyond them (at most
+        the shards' imbalance plus one micro-batch per rank) are left out that epoch,
+        and the next epoch's order puts other groups last. ``generator`` must be in the
+        same state on every rank: the group order and the seed of the rank's own buffer
+        shuffles are drawn from it, two draws whatever the rank.
+        """
         if batch_size < 1:
             raise ValueError(f"{batch_size=} must be >= 1")
         groups = self.groups
         order = torch.randperm(len(groups), generator=generator, device=self.device).tolist()
+        if world_size > 1:
+            steps = self.sharded_steps(batch_size, world_size, order)
+            if steps == 0:
+                raise ValueError(
+                    f"a rank's shard of the {len(groups)} row groups holds fewer than {batch_size} rows (one "
+                    f"micro-batch) for {world_size} ranks: write smaller row groups or use fewer ranks"
+                )
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=self.device))
+            own = torch.Generator(device=self.device).manual_seed(seed + rank)
+            shard = [groups[i] for i in self.shard_groups(order, rank, world_size)]
+            yield from itertools.islice(self._epoch(batch_size, own, shard), steps)
+            return
+        yield from self._epoch(batch_size, generator, [groups[i] for i in order])
+
+    def _epoch(
+        self, batch_size: int, generator: torch.Generator | None, groups: list[tuple[str, int, int]]
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of ``groups``, read in that order, through the shuffle buffer."""
         xs: list[Tensor] = []
         ys: list[Tensor] = []
         held = 0
@@ -283,8 +329,8 @@ class RowGroupData:
                 yield x[start : start + batch_size], y[start : start + batch_size]
             xs, ys, held = [x[stop:]], [y[stop:]], held - stop
 
-        for i in order:
-            part = self.read(*groups[i])
+        for group in groups:
+            part = self.read(*group)
             xs.append(part.x)
             ys.append(part.y)
             held += len(part)

@@ -1,5 +1,13 @@
-"""Data-parallel training: ``torch.distributed`` + ``DistributedDataParallel``, launched
-by ``torchrun``; NCCL with one GPU per process, gloo on CPUs.
+"""Data-parallel training: ``torch.distributed`` + ``DistributedDataParallel``; NCCL with
+one GPU per process, gloo on CPUs.
+
+Two ways in:
+
+- **The training node** (``kedro run --params training.data_parallel.ranks=W``):
+  :class:`LocalRanks` starts ``W`` ranks on this machine once per variant and trains every
+  trial and seed on them, while Optuna and the catalog stay in the node's process.
+- **A command beside Kedro**, launched by ``torchrun`` on one or several machines
+  (:func:`main`), for one config on an encoded split read by path.
 
 Launch (one machine, two processes; ``--standalone`` picks a free rendezvous port)::
 
@@ -35,7 +43,15 @@ taking slice ``r``: the ranks together see exactly the rows one process sees in 
 step. A rank's shard of the split is therefore its slice of every global batch, not a
 fixed set of rows: a fixed row partition shuffled per rank would change which rows meet
 in a batch, so the run could not equal a single-process one. ``cfg.batch_size`` must be
-divisible by ``W``.
+divisible by ``W``. (With :class:`LocalRanks` the split's tensors sit in shared memory:
+one copy per machine, whatever ``W``.)
+
+**Row groups.** A split too large for memory
+(:class:`~dynamic_ctr.training.batching.RowGroupData`) is sharded instead: each rank reads
+only every ``W``-th row group of the epoch's seeded order, through its own shuffle buffer,
+in micro-batches of ``B/W`` rows, and all ranks take the smallest shard's number of steps
+(:meth:`~dynamic_ctr.training.batching.RowGroupData.batches`). The batches then differ from
+a single-process run's, as with any sharded sampler.
 
 **Gradients.** The model is wrapped in DDP (CPU: no ``device_ids``), which averages the
 gradients over the ranks during backward. With equal micro-batches of ``B/W`` rows, the
@@ -82,12 +98,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -99,6 +117,8 @@ from dynamic_ctr.training.device import resolve_device
 from dynamic_ctr.training.metrics import evaluate
 
 __all__ = [
+    "LocalRanks",
+    "RankFailure",
     "World",
     "destroy",
     "distributed",
@@ -352,6 +372,267 @@ def distributed(device: str = "auto") -> Iterator[World]:
     finally:
         if world.size > 1:
             destroy()
+
+
+# ---------------------------------------------------------------------- ranks of the training node
+
+
+class RankFailure(RuntimeError):
+    """A rank of :class:`LocalRanks` died, or raised an error that cannot be sent back."""
+
+
+class _Stopped(Exception):
+    """Raised on every rank when the coordinator's epoch callback stopped the run."""
+
+
+def _describe(error: BaseException, rank: int) -> tuple[str, str, str, str]:
+    """What crosses back from a rank: ``(module, class name, message, traceback)``."""
+    import traceback
+
+    kind = type(error)
+    return kind.__module__, kind.__qualname__, str(error), f"(raised on rank {rank} of the data-parallel run)\n" + "".join(
+        traceback.format_exception(error)
+    )
+
+
+def _rebuilt(module: str, name: str, message: str, text: str) -> BaseException:
+    """A rank's error raised again here: the same class when it is a built-in one or this
+    project's (built from its message, the rank's traceback as a note), else a
+    :class:`RankFailure` carrying the traceback."""
+    import importlib
+
+    error: BaseException | None = None
+    if module == "builtins" or module.split(".")[0] == "dynamic_ctr":
+        kind = getattr(importlib.import_module(module), name, None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            try:
+                error = kind(message)
+            except Exception:  # noqa: BLE001 - a class that cannot be built from its message
+                error = None
+    if error is None:
+        return RankFailure(f"{module}.{name}: {message}\n{text}")
+    error.add_note(text)
+    return error
+
+
+def _rank_loop(
+    rank: int, size: int, store: str, device_name: str, spec: Any, train: Any, valid: TensorData,
+    threads: int, commands: Any, results: Any,
+) -> None:  # fmt: skip
+    """One rank of :class:`LocalRanks`: join the group, then train each config sent on
+    ``commands`` (``None`` ends) with :func:`~dynamic_ctr.training.tuning.fit`."""
+    import dataclasses
+
+    from dynamic_ctr.training.tuning import fit
+
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(name)s %(levelname)s: %(message)s")
+    torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    backend = "gloo"
+    if device.type == "cuda":
+        device, backend = torch.device("cuda", rank), "nccl"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=size)
+    world = World(rank=rank, size=size, local_rank=rank, device=device, backend=backend)
+    if isinstance(train, TensorData):
+        train = train.to(device)
+    else:  # RowGroupData: this rank reads its own row groups onto its device
+        train = dataclasses.replace(train, device=device)
+    valid = valid.to(device)
+
+    def on_epoch_end(epoch: int, val_auc: float) -> None:
+        # every rank gets here with the same val_auc; rank 0 asks the coordinator
+        stop = torch.zeros(1, dtype=torch.int64, device=device)
+        if world.is_main:
+            results.put(("epoch", epoch, val_auc))
+            stop.fill_(int(commands.get() == "stop"))
+        dist.broadcast(stop, src=0)
+        if stop.item():
+            raise _Stopped
+
+    try:
+        while (config := commands.get()) is not None:
+            try:
+                result = fit(config, spec, train, valid, on_epoch_end=on_epoch_end, world=world)
+            except _Stopped:
+                if world.is_main:
+                    results.put(("stopped",))
+                continue
+            except Exception as e:  # noqa: BLE001 - the coordinator stops every rank on the first error
+                results.put(("error", *_describe(e, rank)))
+                return
+            if world.is_main:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in result.model.state_dict().items()}
+                results.put(("done", state, result.history, result.best_val_auc, result.best_epoch))
+    finally:
+        with suppress(Exception):  # a broken group (a rank died) may fail to tear down
+            dist.destroy_process_group()
+
+
+class LocalRanks:
+    """``size`` data-parallel ranks on this machine, started once and kept for many
+    trainings: the training node's way to train every trial and seed of a variant
+    with DDP (``training.data_parallel.ranks``) while Optuna, the callbacks and the
+    catalog stay in the node's process.
+
+    The ranks are processes started with ``torch.multiprocessing`` (``spawn``) that
+    join one process group through a file store (gloo on CPUs, NCCL with one GPU per
+    rank, ``cuda:<rank>``), as ``torchrun --standalone`` would start them. The splits
+    are handed over once, when the ranks start: an in-memory split's CPU tensors move
+    to shared memory, so the machine holds one copy that every rank reads its slices
+    from (:meth:`World.batches`); a :class:`~dynamic_ctr.training.batching.RowGroupData`
+    split is only its list of files, and each rank reads its own row groups. :meth:`fit`
+    is the :data:`~dynamic_ctr.training.tuning.Fitter` of :func:`~dynamic_ctr.training.tuning.tune`:
+    it sends the config to every rank, runs the caller's ``on_epoch_end`` here on rank
+    0's validation AUC (an Optuna pruning decision reaches every rank by broadcast) and
+    returns rank 0's model. On CPUs each rank uses ``cpu_count // size`` threads.
+
+    A rank that raises or dies stops all of them (the others would wait in a
+    collective): :meth:`fit` raises the rank's error (or :class:`RankFailure`), and the
+    next :meth:`fit` starts a fresh set. Use it as a context manager; :meth:`close` ends
+    the ranks.
+
+    Args:
+        size: number of ranks, at least 2.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (resolved by each rank; on CUDA the
+            machine needs ``size`` GPUs).
+        spec: the feature spec the models are built for (``build_model``).
+        train: the training split, on the CPU, or a ``RowGroupData``.
+        valid: the validation split, on the CPU.
+    """
+
+    def __init__(self, size: int, device: str, spec: Any, train: Any, valid: TensorData) -> None:
+        if size < 2:
+            raise ValueError(f"LocalRanks needs at least 2 ranks, got {size}")
+        if resolve_device(device).type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"{size} data-parallel ranks need {size} GPUs; this machine has {torch.cuda.device_count()}")
+        self.size, self.device, self.spec, self.train, self.valid = size, device, spec, train, valid
+        self._processes: list[Any] | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the ranks (done by the first :meth:`fit`)."""
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        context = mp.get_context("spawn")
+        self._store_dir = tempfile.mkdtemp(prefix="dynamic-ctr-ranks-")
+        store = os.path.join(self._store_dir, "store")
+        self._commands = [context.SimpleQueue() for _ in range(self.size)]
+        self._results = context.Queue()
+        threads = max(1, (os.cpu_count() or 1) // self.size)
+        self._processes = [
+            context.Process(
+                target=_rank_loop,
+                args=(r, self.size, store, self.device, self.spec, self.train, self.valid, threads, self._commands[r], self._results),
+                name=f"dynamic-ctr-rank-{r}",
+                daemon=True,
+            )
+            for r in range(self.size)
+        ]
+        for process in self._processes:
+            process.start()
+        logger.info("started %d data-parallel ranks on %s", self.size, self.device)
+
+    def close(self) -> None:
+        """End the ranks: ask them to stop, then kill what is left after 30 s."""
+        import shutil
+
+        if self._processes is None:
+            return
+        for process, commands in zip(self._processes, self._commands, strict=True):
+            if process.is_alive():
+                commands.put(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._processes = None
+        shutil.rmtree(self._store_dir, ignore_errors=True)
+
+    def _fail(self, error: BaseException) -> None:
+        for process in self._processes or []:
+            if process.is_alive():
+                process.kill()
+        self.close()
+        raise error
+
+    def _receive(self) -> tuple[Any, ...]:
+        import queue
+
+        while True:
+            try:
+                return self._results.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode is not None for p in self._processes or []):
+                    time.sleep(2)  # the others fail in their next collective: name every rank's end
+                    self._fail(RankFailure(f"a data-parallel rank ended during training: {self._ends()}"))
+
+    def _ends(self) -> str:
+        """How each rank stands: running, or its exit code (and signal)."""
+        return ", ".join(
+            f"rank {r} {'is still running' if p.exitcode is None else f'exited with code {p.exitcode}'}"
+            + (f" ({signal.Signals(-p.exitcode).name})" if (p.exitcode or 0) < 0 else "")
+            for r, p in enumerate(self._processes or [])
+        )
+
+    def _explained(self, error: BaseException) -> BaseException:
+        """A rank's error; when another rank was killed (a signal), the kill is the cause
+        and the error (a broken connection, typically) only its consequence."""
+        time.sleep(1)
+        if any((p.exitcode or 0) < 0 for p in self._processes or []):
+            failure = RankFailure(f"a data-parallel rank was killed during training: {self._ends()}")
+            failure.__cause__ = error
+            return failure
+        return error
+
+    def fit(self, config: dict[str, Any], on_epoch_end: Any = None, checkpoint_dir: Any = None) -> Any:
+        """Train ``config`` (``{"model", "train"}``) on every rank; rank 0's
+        :class:`~dynamic_ctr.training.loop.TrainResult`, its model rebuilt here (CPU).
+
+        Raises:
+            ValueError: ``checkpoint_dir`` is given (see :meth:`World.check_supported`).
+            RankFailure: a rank died.
+            Exception: whatever a rank or ``on_epoch_end`` raised (e.g. ``optuna.TrialPruned``).
+        """
+        from dynamic_ctr.models import build_model
+        from dynamic_ctr.training.loop import TrainResult
+        from dynamic_ctr.training.tuning import seeded_model_config
+
+        if checkpoint_dir is not None:
+            raise ValueError("checkpoint_dir (per-epoch resume state) is not supported in distributed training")
+        if self._processes is None:
+            self.start()
+        for commands in self._commands:
+            commands.put(config)
+        stopped: BaseException | None = None
+        while True:
+            message = self._receive()
+            if message[0] == "epoch":
+                reply = "go"
+                if on_epoch_end is not None:
+                    try:
+                        on_epoch_end(message[1], message[2])
+                    except BaseException as e:  # noqa: BLE001 - e.g. optuna.TrialPruned: every rank stops, then it is raised
+                        stopped, reply = e, "stop"
+                self._commands[0].put(reply)
+            elif message[0] == "stopped":
+                assert stopped is not None
+                raise stopped
+            elif message[0] == "error":
+                self._fail(self._explained(_rebuilt(*message[1:])))
+            else:
+                _, state, history, best_val_auc, best_epoch = message
+                model = build_model(seeded_model_config(config), self.spec)
+                model.load_state_dict({k: v.clone() for k, v in state.items()})
+                return TrainResult(best_val_auc=best_val_auc, best_epoch=best_epoch, history=history, model=model)
 
 
 # ---------------------------------------------------------------------- entry point

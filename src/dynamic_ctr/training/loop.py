@@ -311,8 +311,9 @@ def train(
     Args:
         model: maps ``x (B, S)`` int64 to logits ``(B,)``.
         train: training split (already on the device), or a :class:`RowGroupData`
-            read row group by row group through a shuffle buffer (one process, no
-            ``adapt``).
+            read row group by row group through a shuffle buffer (no ``adapt``; with a
+            ``world``, each rank reads only its own row groups, see
+            :meth:`RowGroupData.batches`).
         valid: validation split, on the same device; must hold both classes.
         cfg: hyper-parameters; ``None`` = ``TrainConfig()``.
         on_epoch_end: called as ``on_epoch_end(epoch, val_auc)`` after each epoch's
@@ -356,10 +357,10 @@ def train(
             f"train ({len(train)} rows) and valid ({len(valid)} rows) must be non-empty"
         )
     ddp = world if world is not None and world.size > 1 else None
-    if isinstance(train, RowGroupData) and (ddp is not None or callable(getattr(model, "adapt", None))):
-        raise ValueError(
-            "a training split read by row group (RowGroupData) trains in one process and without a per-domain "
-            f"adaptation over the whole split ({type(model).__name__}, {'data-parallel' if ddp else 'adapt()'}): load it into memory"
+    if isinstance(train, RowGroupData) and callable(getattr(model, "adapt", None)):
+        raise ValueError(  # noqa: TRY004 - a model/split combination, not a wrong type
+            "a training split read by row group (RowGroupData) trains without a per-domain adaptation over the "
+            f"whole split ({type(model).__name__} defines adapt()): load it into memory"
         )
     if ddp is not None:
         ddp.check_supported(model, cfg.batch_size, checkpoint_dir)
@@ -387,6 +388,8 @@ def train(
     if ddp is not None:
         steps_per_epoch = ddp.num_batches(len(train), cfg.batch_size)
         forward = ddp.wrap(model)
+    if isinstance(train, RowGroupData) and ddp is not None:
+        steps_per_epoch = None  # each epoch's group order decides it (RowGroupData.sharded_steps)
 
     best_auc, best_epoch, best_state = -math.inf, 0, None
     history: list[dict[str, float]] = []
@@ -426,6 +429,7 @@ def train(
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)  # sum of per-row losses, stays on device
+        rows_trained = 0.0  # the rows loss_sum stands for (this rank's share of them)
         window: list[Tensor] = []  # per-step losses not yet checked on the host
         window_start = 1
         with tqdm(
@@ -437,7 +441,11 @@ def train(
         ) as bar:
             # (x, y, rows): rows = the global-batch rows this step's mean loss stands for
             if isinstance(train, RowGroupData):  # read by row group through a shuffle buffer
-                batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in train.batches(cfg.batch_size, shuffle_gen))
+                if ddp is None:
+                    groups = train.batches(cfg.batch_size, shuffle_gen)
+                else:  # each rank reads its own row groups, in micro-batches of B / W rows
+                    groups = train.batches(cfg.batch_size // ddp.size, shuffle_gen, rank=ddp.rank, world_size=ddp.size)
+                batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in groups)
             elif ddp is None:
                 shuffled = batches(train, cfg.batch_size, shuffle=True, generator=shuffle_gen)
                 batch_iter = ((xb, yb, yb.shape[0]) for xb, yb in shuffled)
@@ -466,6 +474,7 @@ def train(
 
                 loss = loss.detach()
                 loss_sum += loss * rows
+                rows_trained += rows
                 window.append(loss)
                 if step % cfg.log_every == 0:
                     last_finite, window_mean = _check_finite(
@@ -475,7 +484,13 @@ def train(
                     bar.set_postfix(loss=f"{window_mean:.4f}")
                 bar.update()
             last_finite, _ = _check_finite(window, epoch, window_start, last_finite, ddp)
-            train_loss = (loss_sum if ddp is None else ddp.sum(loss_sum)).item() / len(train)
+            if ddp is None:
+                rows_epoch = rows_trained
+                train_loss = loss_sum.item() / rows_epoch
+            else:
+                totals = ddp.sum(torch.stack([loss_sum.double(), torch.tensor(rows_trained, dtype=torch.float64, device=device)]))
+                rows_epoch = totals[1].item()
+                train_loss = totals[0].item() / rows_epoch
             train_seconds = time.perf_counter() - t0
 
             if callable(adapt):  # validate (and keep as best) the adapted model
@@ -499,12 +514,12 @@ def train(
                 "val_auc": val_auc,
                 "val_logloss": val_logloss,
                 "seconds": seconds,
-                "samples_per_s": len(train) / train_seconds,
+                "samples_per_s": rows_epoch / train_seconds,
             }
         )
         logger.info(
             "epoch %d: train_loss=%.5f val_auc=%.5f val_logloss=%.5f (%.1fs, %.0f samples/s)",
-            epoch, train_loss, val_auc, val_logloss, seconds, len(train) / train_seconds,
+            epoch, train_loss, val_auc, val_logloss, seconds, rows_epoch / train_seconds,
         )  # fmt: skip
 
         if val_auc > best_auc:

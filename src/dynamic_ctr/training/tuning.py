@@ -93,7 +93,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from torch import nn
@@ -103,6 +103,9 @@ from dynamic_ctr.training.batching import TensorData
 from dynamic_ctr.training.device import seed_everything
 from dynamic_ctr.training.loop import NonFiniteLossError, TrainConfig, TrainResult, train
 from dynamic_ctr.training.resume import read_manifest, remove_state
+
+if TYPE_CHECKING:
+    from dynamic_ctr.training.distributed import World
 
 __all__ = [
     "StudyConfig",
@@ -808,6 +811,7 @@ def fit(
     builder: ModelBuilder | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Build ``config["model"]`` and :func:`train` it with ``config["train"]``.
 
@@ -815,14 +819,30 @@ def fit(
     model config's ``seed`` is set to it), dropout and the batch order. Two seeds
     therefore differ in both initialisation and batch order; one seed reproduces a
     run exactly on the CPU. ``checkpoint_dir``: the run's resume directory (see
-    :func:`train`); a killed run continues from its last completed epoch.
+    :func:`train`); a killed run continues from its last completed epoch. ``world``:
+    this rank's place in a data-parallel run (see :func:`train`).
     """
     if builder is None:
         from dynamic_ctr.models import build_model as builder
     train_cfg = TrainConfig.from_dict(config["train"])
     seed_everything(train_cfg.seed)
     model = builder(seeded_model_config(config), spec)
-    return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir)
+    return train(model, train_data, valid_data, train_cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir, world=world)
+
+
+#: ``fitter(config, on_epoch_end, checkpoint_dir) -> TrainResult``: how :func:`tune` trains
+#: one config, :func:`fit` on the tuned splits by default, or the ranks of a data-parallel
+#: run started by the training node (:class:`~dynamic_ctr.training.distributed.LocalRanks`).
+Fitter = Callable[[Mapping[str, Any], Callable[[int, float], None] | None, "str | os.PathLike[str] | None"], TrainResult]
+
+
+def in_process_fitter(spec: FeatureSpec, train_data: TensorData, valid_data: TensorData, builder: ModelBuilder | None = None) -> Fitter:
+    """The default :data:`Fitter`: :func:`fit` in this process."""
+
+    def fitter(config: Mapping[str, Any], on_epoch_end: Callable[[int, float], None] | None, checkpoint_dir: Any) -> TrainResult:
+        return fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint_dir)
+
+    return fitter
 
 
 def seeded_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -851,13 +871,15 @@ def make_objective(
     study_cfg: StudyConfig,
     builder: ModelBuilder | None = None,
     on_result: Callable[[optuna.Trial, TrainResult], None] | None = None,
+    fitter: Fitter | None = None,
 ) -> Callable[[optuna.Trial], float]:
     """The objective of :func:`tune` and :func:`tune_worker` (see :func:`tune`): records
     the trial's ``worker`` (``<host>:<pid>``), draws its overrides, resumes from its
     checkpoint, trains with pruning, records ``best_epoch``, ``history`` and
-    ``overrides``, calls ``on_result(trial, result)`` and returns the best validation AUC."""
-    if builder is None:
-        from dynamic_ctr.models import build_model as builder
+    ``overrides``, calls ``on_result(trial, result)`` and returns the best validation AUC.
+    ``fitter`` trains each config (default: :func:`in_process_fitter`)."""
+    if fitter is None:
+        fitter = in_process_fitter(spec, train_data, valid_data, builder)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
@@ -880,7 +902,7 @@ def make_objective(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_auc={val_auc:.5f} at epoch {epoch}")
 
-        result = fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint)
+        result = fitter(config, on_epoch_end, checkpoint)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("history", result.history)
         trial.set_user_attr("overrides", overrides)
@@ -899,6 +921,7 @@ def tune(
     valid_data: TensorData,
     study_cfg: StudyConfig,
     builder: ModelBuilder | None = None,
+    fitter: Fitter | None = None,
 ) -> TuneResult:
     """Search ``space`` around ``base_config`` and return the best model.
 
@@ -927,6 +950,9 @@ def tune(
         study_cfg: study settings; ``direction`` must be ``"maximize"``.
         builder: ``builder(model_config, spec) -> nn.Module``; ``None`` =
             ``dynamic_ctr.models.build_model``.
+        fitter: trains one config (:data:`Fitter`); ``None`` = :func:`fit` in this
+            process with ``builder``. A data-parallel fitter holds its own copy of
+            the splits and builds with ``build_model``.
 
     Raises:
         ValueError: bad space or path (before any trial runs), a non-maximising
@@ -934,6 +960,8 @@ def tune(
     """
     if builder is None:
         from dynamic_ctr.models import build_model as builder
+    if fitter is None:
+        fitter = in_process_fitter(spec, train_data, valid_data, builder)
     _check_tune_inputs(base_config, space, study_cfg)
     best: dict[str, Any] = {"value": -math.inf, "number": None, "state": None, "history": None}
 
@@ -948,7 +976,7 @@ def tune(
                 },
             )
 
-    objective = make_objective(base_config, space, spec, train_data, valid_data, study_cfg, builder, on_result=keep_best)
+    objective = make_objective(base_config, space, spec, train_data, valid_data, study_cfg, builder, on_result=keep_best, fitter=fitter)
     study = run_study(
         objective, study_cfg, catch=(NonFiniteLossError,), first_params=base_params(base_config, space)
     )
@@ -969,7 +997,7 @@ def tune(
         )
         root = study_checkpoint_dir(study_cfg)
         checkpoint = None if root is None else root / f"best_trial_{best_trial.number}"
-        result = fit(best_config, spec, train_data, valid_data, builder, checkpoint_dir=checkpoint)
+        result = fitter(best_config, None, checkpoint)
         remove_state(checkpoint)
         model, history, retrained = result.model, result.history, True
         if not math.isclose(result.best_val_auc, best_trial.value, abs_tol=1e-4):

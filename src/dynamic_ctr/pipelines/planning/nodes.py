@@ -138,6 +138,58 @@ def _check_model(config: dict[str, Any], spec: FeatureSpec, space: dict[str, Any
                 raise ValueError(f"search_space[{path!r}] value {value!r}: {e}") from None
 
 
+def in_memory_limit(training: dict[str, Any]) -> str | float:
+    """``training.in_memory_limit_mb`` (``"auto"`` when unset), checked: the most MB a
+    lazily loaded training split may take as tensors before it is read by row group."""
+    value = training.get("in_memory_limit_mb", "auto")
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SuitePlanError(f"training.in_memory_limit_mb={value!r} must be 'auto' or a number of MB >= 0")
+    return float(value)
+
+
+def data_parallel_ranks(training: dict[str, Any]) -> int:
+    """``training.data_parallel.ranks`` (1 when unset), checked."""
+    settings = training.get("data_parallel") or {}
+    unknown = set(settings) - {"ranks"}
+    if unknown:
+        raise SuitePlanError(f"training.data_parallel has unknown key(s) {sorted(unknown)}; known: ['ranks']")
+    ranks = settings.get("ranks", 1)
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise SuitePlanError(f"training.data_parallel.ranks={ranks!r} must be an int >= 1")
+    return ranks
+
+
+def _plan_data_parallel(config: dict[str, Any], space: dict[str, Any], study: dict[str, Any], spec: FeatureSpec, ranks: int) -> dict[str, Any]:
+    """How a variant trains with ``ranks`` data-parallel ranks: ``{"ranks", "reason"}``.
+
+    A model DDP cannot train (MAML's own objective, STAR's sparse per-domain gradients,
+    see :meth:`~dynamic_ctr.training.distributed.World.check_supported`) trains in one
+    process, the reason recorded. A global batch (the base's or a searched one) that
+    the ranks cannot divide is an error. Per-epoch resume state is single-process: the
+    study's ``checkpoint_dir`` is dropped (in ``study``), a killed run resumes its study
+    from the finished trials.
+    """
+    if ranks == 1:
+        return {"ranks": 1, "reason": None}
+    from dynamic_ctr.models import build_model
+    from dynamic_ctr.training.distributed import World
+
+    sizes = [config["train"]["batch_size"]]
+    if "train.batch_size" in space:
+        sizes += _dimension_values(space["train.batch_size"])
+    uneven = [b for b in sizes if int(b) % ranks]
+    if uneven:
+        raise ValueError(f"training.data_parallel.ranks={ranks} does not divide the global batch size(s) {uneven}")
+    study["checkpoint_dir"] = None
+    try:
+        World(size=ranks).check_supported(build_model(config["model"], spec), config["train"]["batch_size"], None)
+    except ValueError as e:
+        return {"ranks": 1, "reason": f"trains in one process: {e}"}
+    return {"ranks": ranks, "reason": None}
+
+
 def _plan_variant(name: str, entry: dict[str, Any], training: dict[str, Any], limits: dict[str, Any], spec: FeatureSpec) -> dict[str, Any]:
     settings = apply_limits(variant_settings(training, entry), limits)
     extra = settings["study"].pop("trials_per_extra_dimension", 0)
@@ -151,6 +203,7 @@ def _plan_variant(name: str, entry: dict[str, Any], training: dict[str, Any], li
     TrainConfig.from_dict(train)
     config = {"model": model, "train": train}
     _check_model(config, spec, space)
+    data_parallel = _plan_data_parallel(config, space, settings["study"], spec, data_parallel_ranks(training))
     return {
         "status": "ready",
         "reason": None,
@@ -161,6 +214,8 @@ def _plan_variant(name: str, entry: dict[str, Any], training: dict[str, Any], li
         "seeds": settings["seeds"],
         "search_space": space,
         "train_rows": limits.get("train_rows"),
+        "data_parallel": data_parallel,
+        "in_memory_limit_mb": in_memory_limit(training),
         "budget": {
             "n_trials": settings["study"]["n_trials"],
             "common_trials": common_trials,
@@ -203,6 +258,8 @@ def plan_suite(
     defaults = suite_params.get("defaults") or {}
     declared = suite_params.get("not_applicable") or {}
     limits = training.get("limits") or {}
+    data_parallel_ranks(training)  # a bad setting stops the plan once, not per variant
+    in_memory_limit(training)
     variant_set = training.get("variant_set") or "default"
     if variant_set not in VARIANT_SETS:
         raise SuitePlanError(f"training.variant_set={variant_set!r} must be one of {list(VARIANT_SETS)}")
