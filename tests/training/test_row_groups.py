@@ -3,8 +3,6 @@ on the shipped MovieLens latest-small data encoded as the pipeline encodes it.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
