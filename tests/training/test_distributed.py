@@ -438,3 +438,35 @@ def test_local_ranks_read_their_own_row_groups(split_dir: Path, tmp_path: Path) 
         result = row_ranks.fit(config, None, None)
     assert result.history[-1]["val_auc"] > 0.6
     assert result.history[-1]["samples_per_s"] > 0
+
+
+def test_torchrun_entry_point_reads_its_own_row_groups_from_a_parts_folder(split_dir: Path, tmp_path: Path) -> None:
+    """``--row-groups``: on a split whose training table is a folder of Parquet parts (as
+    the streaming environments write it), two ranks read their own row groups and learn."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(split_dir, data)
+    single = data / "train.parquet" / VERSION / "train.parquet"
+    table = pq.read_table(single)
+    single.unlink()
+    single.mkdir()
+    half = len(table) // 2
+    for i, part in enumerate((table.slice(0, half), table.slice(half))):
+        pq.write_table(part, single / f"part-{i:05d}.parquet", row_group_size=200)
+    (single / "_manifest.json").write_text(json.dumps({"parts": ["part-00000.parquet", "part-00001.parquet"], "rows": len(table)}))
+    config, out = tmp_path / "wdl.json", tmp_path / "out"
+    config.write_text(json.dumps({**CONFIG, "train": {**CONFIG["train"], "batch_size": 64, "max_epochs": 3}}))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "dynamic_ctr.training.distributed", "--config", str(config), "--data", str(data),
+        "--out", str(out), "--device", "cpu", "--row-groups", "1000",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT / "src")}
+    launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_rows"] == len(table) and metrics["data"]["train.parquet"].endswith(f"{VERSION}/train.parquet")
+    assert metrics["history"][-1]["val_auc"] > 0.6

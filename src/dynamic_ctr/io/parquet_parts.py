@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
-MANIFEST = "_manifest.json"
+from dynamic_ctr.io.layout import PARTS_MANIFEST as MANIFEST
 
 
 class _End:

@@ -20,8 +20,10 @@ Launch (one machine, two processes; ``--standalone`` picks a free rendezvous por
 fields, as in the suite's parameters); ``train.batch_size`` is the **global** batch.
 ``--data`` is an encoded split as the pipeline writes it, ``<dir>/{train,valid}.parquet``
 and ``<dir>/feature_spec.json``, each a file or a Kedro version folder
-(``train.parquet/<version>/train.parquet``); the newest version that all three have is
-read unless ``--version`` names one. Rank 0 writes ``<out>/model/`` (a checkpoint,
+(``train.parquet/<version>/train.parquet``, a file or, from the streaming environments,
+a folder of Parquet parts); the newest version that all three have is read unless
+``--version`` names one. ``--row-groups BUFFER_ROWS`` reads the training split by row
+group instead of into memory, each rank only its own row groups (*Row groups* below). Rank 0 writes ``<out>/model/`` (a checkpoint,
 :func:`~dynamic_ctr.training.checkpoint.save_checkpoint`) and ``<out>/metrics.json``; the
 other ranks write nothing. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) the same
 command trains in one process.
@@ -643,12 +645,14 @@ _SPLIT_FILES = ("train.parquet", "valid.parquet", "feature_spec.json")
 def _resolve_paths(directory: Path, version: str | None) -> dict[str, Path]:
     """``{file name: path}`` of the split's three files: a plain file, or the chosen
     version inside a Kedro version folder ``<name>/<version>/<name>``."""
+    from dynamic_ctr.io.layout import is_parts_folder
+
     versions: dict[str, set[str]] = {}
     for name in _SPLIT_FILES:
         path = directory / name
-        if path.is_dir():
-            versions[name] = {p.name for p in path.iterdir() if (p / name).is_file()}
-        elif not path.is_file():
+        if path.is_dir() and not is_parts_folder(path):  # a version holds a file or a parts folder
+            versions[name] = {p.name for p in path.iterdir() if (p / name).is_file() or is_parts_folder(p / name)}
+        elif not (path.is_file() or is_parts_folder(path)):
             raise FileNotFoundError(f"{path}: no such file or Kedro version folder")
     if versions:
         common = set.intersection(*versions.values())
@@ -670,28 +674,37 @@ def load_split(
     directory: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     version: str | None = None,
-) -> tuple[Any, TensorData, TensorData, dict[str, Path]]:
-    """Read an encoded split (module docstring) onto ``device``.
+    *,
+    row_groups: int | None = None,
+) -> tuple[Any, Any, TensorData, dict[str, Path]]:
+    """Read an encoded split (module docstring) onto ``device``; each table a Parquet
+    file or a published parts folder (the streaming environments write those).
+
+    Args:
+        row_groups: read the training split by row group through a shuffle buffer of
+            this many rows (:class:`~dynamic_ctr.training.batching.RowGroupData`; with
+            several ranks each reads only its own row groups) instead of into memory.
 
     Returns:
         ``(FeatureSpec, train, valid, {file name: path read})``.
     """
-    import pandas as pd
+    import pyarrow.parquet as pq
 
+    from dynamic_ctr.io.layout import parquet_files
     from dynamic_ctr.spec import FeatureSpec
-    from dynamic_ctr.training.batching import tensors_from_columns
+    from dynamic_ctr.training.batching import RowGroupData, tensors_from_columns
 
     paths = _resolve_paths(Path(directory), version)
     spec = FeatureSpec.from_dict(json.loads(paths["feature_spec.json"].read_text(encoding="utf-8")))
     columns = [*spec.index_columns, spec.label]
-    splits = []
+    splits: list[Any] = []
     for name in ("train.parquet", "valid.parquet"):
-        frame = pd.read_parquet(paths[name], columns=columns)
-        splits.append(
-            tensors_from_columns(
-                {c: frame[c].to_numpy() for c in columns}, spec, device, group_columns=[]
-            )
-        )
+        files = parquet_files(paths[name])
+        if name == "train.parquet" and row_groups is not None:
+            splits.append(RowGroupData(tuple(str(f) for f in files), spec, torch.device(device), row_groups))
+            continue
+        table = pq.ParquetDataset([str(f) for f in files]).read(columns=columns) if len(files) > 1 else pq.read_table(files[0], columns=columns)
+        splits.append(tensors_from_columns({c: table.column(c).to_numpy() for c in columns}, spec, device, group_columns=[]))
     return spec, splits[0], splits[1], paths
 
 
@@ -721,6 +734,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--version", default=None, help="Kedro version of the split (default: the newest)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument(
+        "--row-groups", type=int, default=None, metavar="BUFFER_ROWS",
+        help="read the training split by row group, each rank only its own, through a shuffle buffer of BUFFER_ROWS",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from dynamic_ctr.models import build_model
@@ -739,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if world.is_main else logging.WARNING,
             format=f"[rank {world.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
         )
-        spec, train_data, valid_data, paths = load_split(args.data, world.device, args.version)
+        spec, train_data, valid_data, paths = load_split(args.data, world.device, args.version, row_groups=args.row_groups)
         seed_everything(cfg.seed)
         # the model's initialisation follows the training seed, as tuning.fit does
         model = build_model({**config["model"], "seed": cfg.seed}, spec)
