@@ -41,7 +41,8 @@ def _with_bad_rows(source: Path, target: Path, sep: bytes) -> Path:
         lines[8000] = lines[8000].replace(b"\t", b"\tnot-a-number\t", 1).replace(b"\t", b"", 2)  # I1 not numeric
     else:  # Avazu: id, click, hour, ...
         lines[4000] = lines[4000].replace(b",", b",7,", 1).replace(b",", b"", 2)  # click 7
-        lines[8000] = lines[7990]  # a duplicate id, in the same batch (across batches one is not found: the report says so)
+        lines[8000] = lines[7990]  # a duplicate id, in the same batch (the adapter finds it)
+        lines[8500] = lines[100]  # a duplicate id, 5 batches later (find_duplicates finds it)
     target.write_bytes(b"".join(lines))
     return target
 
@@ -49,7 +50,7 @@ def _with_bad_rows(source: Path, target: Path, sep: bytes) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(("env", "sample", "batches", "bad_lines"), [
     ("criteo", CRITEO, 10, [6, 4001, 8001]),
-    ("avazu", AVAZU, 6, [6, 4001, 8001]),
+    ("avazu", AVAZU, 6, [6, 4001, 8001, 8501]),
 ])
 def test_stream_data_writes_what_the_in_memory_pipelines_write(
     env: str, sample: str, batches: int, bad_lines: list[int], project: Path, data_root: Path, monkeypatch, tmp_path: Path
@@ -74,17 +75,18 @@ def test_stream_data_writes_what_the_in_memory_pipelines_write(
     pd.testing.assert_frame_equal(*(pd.read_parquet(p) for p in _versions(project, f"data/04_feature/{env}/frequency_groups.parquet")))
     memory, streamed = _json_pair(project, f"data/08_reporting/{env}/ingestion_report.json")
     notes = streamed.pop("notes")
-    assert notes.pop("batches") == batches and memory.pop("notes") == {}
-    assert notes == ({} if env == "criteo" else {"not_checked_across_batches": "duplicate ids are found within a batch, not across batches"})
+    assert notes.pop("batches") == batches and memory.pop("notes") == {} and notes == {}
     assert streamed == memory
     (report,) = streamed["files"].values()
-    assert report["rows_quarantined"] == 3
+    assert report["rows_quarantined"] == len(bad_lines)
 
     quarantine_memory = pd.read_parquet(_versions(project, f"data/02_intermediate/{env}/ingestion_quarantine.parquet")[0])
-    quarantine_streamed = pd.read_parquet(_versions(project, f"data/02_intermediate/{env}/stream_quarantine")[0])
+    across = pd.read_parquet(_versions(project, f"data/02_intermediate/{env}/stream_quarantine_duplicates.parquet")[0])
+    assert across["line"].tolist() == ([] if env == "criteo" else [8501])  # the batches' own quarantine has the rest
+    quarantine_streamed = pd.concat([pd.read_parquet(_versions(project, f"data/02_intermediate/{env}/stream_quarantine")[0]), across])
     pd.testing.assert_frame_equal(quarantine_streamed.sort_values("line").reset_index(drop=True),
                                   quarantine_memory.sort_values("line").reset_index(drop=True), check_dtype=False)
-    assert quarantine_streamed["line"].tolist() == bad_lines
+    assert sorted(quarantine_streamed["line"].tolist()) == bad_lines
     stats = pd.concat(pd.read_parquet(p) for p in _versions(project, f"data/08_reporting/{env}/domain_stats.parquet"))
     assert len(stats) == 2 * len(stats.drop_duplicates())  # the two runs' per-domain tables are equal
 
@@ -118,7 +120,7 @@ def test_ingest_stream_yields_one_part_per_batch_then_publishes(data_root: Path)
     names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
     cfg = RawFileConfig(filepath=str(data_root / CRITEO), sep="\t", header=False, quoted=False, names=tuple(names))
     chunks = list(ingest_stream(RawStream({"clicks": cfg}, 300_000), {"adapter": "criteo"}, {"method": "hash"}))
-    assert chunks[-1] == (END,) * 5 and len(chunks) == 10  # 9 batches of ~300 kB
+    assert chunks[-1] == (END,) * 6 and len(chunks) == 10  # 9 batches of ~300 kB
     rows = sum(c[0].rows + c[1].rows + c[2].rows for c in chunks[:-1])
     assert rows == 10_000
     shares = [sum(c[i].rows for c in chunks[:-1]) / rows for i in range(3)]
@@ -144,3 +146,39 @@ def test_a_suite_trains_on_a_split_read_by_row_group(project: Path, data_root: P
     assert all(0.5 < v["test_auc"] < 1 for v in summary["variants"]), [(v["name"], v["test_auc"]) for v in summary["variants"]]
     parts = list((project / "data/05_model_input/criteo/train.parquet").glob("*/train.parquet/part-*.parquet"))
     assert len(parts) >= 4  # the split the variants read group by group
+
+
+def test_find_duplicates_in_buckets_equals_one_sort_of_every_key(tmp_path: Path) -> None:
+    """Keys repeated within and across batches: spread over buckets of 500 rows (bounded
+    memory) or all in one, the later rows of each key are found, with the key's first
+    line; the same as pandas' duplicated() over the whole log."""
+    import numpy as np
+    from kedro.io import Version
+
+    from dynamic_ctr.io.parquet_parts import ParquetPartsDataset, Part
+    from dynamic_ctr.pipelines.streaming.nodes import find_duplicates, key_hashes
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3000, size=6000).astype(str)  # about 1/3 of the rows repeat an earlier id
+    log = pd.DataFrame({"id": pd.array(ids, dtype="string[pyarrow]"), "source_line": np.arange(2, 6002),
+                        "label": rng.integers(0, 2, size=6000)})  # fmt: skip
+    written = ParquetPartsDataset(filepath=str(tmp_path / "keys"), version=Version(None, "2026-01-01T00.00.00.000Z"))
+    for start in range(0, len(log), 700):  # batches; within a batch the adapter has removed repeats already
+        batch = log.iloc[start : start + 700]
+        batch = batch[~batch.duplicated("id")]
+        written.save(Part(key_hashes(batch.reset_index(drop=True), ("id",), np.arange(len(batch)) % 3)))
+    written.save(END)
+    keys = ParquetPartsDataset(filepath=str(tmp_path / "keys"), lazy=True, version=Version(None, None)).load()
+
+    kept = pd.concat([pd.read_parquet(f) for f in keys.files])
+    ids_of = dict(zip(log["source_line"], log["id"]))
+    expected = pd.DataFrame({"source_line": kept["source_line"], "id": kept["source_line"].map(ids_of)})
+    later = expected.duplicated("id", keep="first")
+    first = expected.groupby("id")["source_line"].transform("first")
+    assert later.sum() > 500
+    for bucket_rows in (500, 10**7):
+        found = find_duplicates(keys, {"duplicate_bucket_rows": bucket_rows})
+        assert found["source_line"].tolist() == expected.loc[later, "source_line"].tolist(), bucket_rows
+        assert found["first_line"].tolist() == first[later].tolist(), bucket_rows
+    with pytest.raises(ValueError, match="duplicate_bucket_rows=0 must be >= 1"):
+        find_duplicates(keys, {"duplicate_bucket_rows": 0})

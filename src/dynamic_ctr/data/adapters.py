@@ -46,6 +46,10 @@ class AdapterResult:
         quarantine: rows set aside, with file, line and reason.
         main_file: the file whose rows become the table's rows.
         notes: counts worth reporting that are not row losses (e.g. unused tags).
+        unique_key: the columns whose values identify a row of the main file: a later row
+            with the same values was quarantined as a duplicate, the adapter's last check
+            (empty: no such key). The streaming pipeline finds the duplicates across
+            batches by it.
     """
 
     table: pd.DataFrame
@@ -53,6 +57,7 @@ class AdapterResult:
     quarantine: Quarantine
     main_file: str
     notes: dict[str, int] = field(default_factory=dict)
+    unique_key: tuple[str, ...] = ()
 
 
 def _need(files: RawFiles, name: str, adapter: str) -> RawTable:
@@ -338,7 +343,7 @@ def avazu(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
         sources={"site_id": "item", "app_id": "item", "device_id": "user", "device_ip": "user"},
         key_columns=("id",),
     )
-    return AdapterResult(table, schema, q, raw.path)
+    return AdapterResult(table, schema, q, raw.path, unique_key=("id",))
 
 
 IJCAI_LISTS = {"item_category_list": ";", "item_property_list": ";", "predict_category_property": ";"}
@@ -360,8 +365,8 @@ def ijcai18(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
                Column("context_timestamp", "int", True, rename="timestamp"),
                *(Column(c, "str") for c in IJCAI_CATEGORICAL), *(Column(c, "float") for c in IJCAI_NUMERIC),
                *(Column(c, "list", sep=s) for c, s in IJCAI_LISTS.items())]
-    table = quarantine_duplicates(type_columns(raw, columns, q), ["instance_id"], raw.path, q)
-    table = _time_features(table, "timestamp")
+    table = _time_features(type_columns(raw, columns, q), "timestamp")
+    table = quarantine_duplicates(table, ["instance_id"], raw.path, q)  # the last check (AdapterResult.unique_key)
     sources = {c: "item" for c in IJCAI_CATEGORICAL if c.startswith(("item", "shop"))}
     sources.update({c: "user" for c in IJCAI_CATEGORICAL if c.startswith("user")})
     sources.update({"item_category_list": "item", "item_property_list": "item"})
@@ -370,7 +375,7 @@ def ijcai18(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
         multi_valued=tuple(IJCAI_LISTS), user_key="user_id", item_key="item_id", time_key="timestamp",
         sources=sources, key_columns=("instance_id",),
     )
-    return AdapterResult(table, schema, q, raw.path)
+    return AdapterResult(table, schema, q, raw.path, unique_key=("instance_id",))
 
 
 def generic(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
@@ -396,17 +401,18 @@ def generic(files: RawFiles, options: dict[str, Any]) -> AdapterResult:
     extra_keys = [c for c in spec.get("key_columns") or [] if c not in {col.name for col in columns}]
     columns += [Column(c, "str") for c in extra_keys]
     table = type_columns(raw, columns, q)
-    if spec.get("unique_key"):
-        table = quarantine_duplicates(table, list(spec["unique_key"]), raw.path, q)
     if time_key and spec.get("time_features", False):
         table = _time_features(table, time_key)
         categorical += ["hour", "weekday"]
+    unique_key = tuple(spec.get("unique_key") or ())
+    if unique_key:  # the last check (AdapterResult.unique_key)
+        table = quarantine_duplicates(table, list(unique_key), raw.path, q)
     schema = TableSchema(
         categorical=tuple(categorical), numeric=tuple(numeric), multi_valued=tuple(multi),
         user_key=spec.get("user_key"), item_key=spec.get("item_key"), time_key=time_key,
         sources=dict(spec.get("sources") or {}), key_columns=tuple(spec.get("key_columns") or ()),
     )
-    return AdapterResult(table, schema, q, raw.path)
+    return AdapterResult(table, schema, q, raw.path, unique_key=unique_key)
 
 
 Adapter = Callable[[RawFiles, dict[str, Any]], AdapterResult]
@@ -423,18 +429,14 @@ ADAPTERS: dict[str, Adapter] = {
 
 
 #: Adapters whose checks need no other row than the row itself, or only rows of the same
-#: batch: they can read their main file as a stream (``kedro run --pipeline stream_data``).
-#: The value says what a batch cannot see (reported with the ingestion).
-STREAMABLE: dict[str, tuple[str, str | None]] = {
-    "criteo": ("clicks", None),
-    "avazu": ("clicks", "duplicate ids are found within a batch, not across batches"),
-    "ijcai18": ("clicks", "duplicate instance ids are found within a batch, not across batches"),
-    "generic": ("table", "duplicate unique_key values are found within a batch, not across batches"),
-}
+#: batch, and a duplicate key (``AdapterResult.unique_key``, which the streaming pipeline
+#: checks across batches): they can read their main file as a stream (``kedro run
+#: --pipeline stream_data``). The value: the raw file streamed.
+STREAMABLE: dict[str, str] = {"criteo": "clicks", "avazu": "clicks", "ijcai18": "clicks", "generic": "table"}
 
 
-def stream_role(name: str) -> tuple[str, str | None]:
-    """The raw file an adapter streams and what its batches cannot check."""
+def stream_role(name: str) -> str:
+    """The raw file an adapter streams."""
     get_adapter(name)
     if name not in STREAMABLE:
         raise ValueError(

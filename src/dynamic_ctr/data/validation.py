@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -242,10 +243,17 @@ def quarantine_duplicates(frame: pd.DataFrame, keys: list[str], path: str, quara
         return frame
     first_line = frame.groupby(keys, sort=False)["source_line"].transform("first").to_numpy()
     rows = frame[dup]
-    key_text = rows[keys].astype(str).agg(",".join, axis=1).to_numpy()
-    reasons = [f"duplicate key: ({','.join(keys)})=({k}) already on line {f}" for k, f in zip(key_text, first_line[dup])]
-    quarantine.add(path, rows["source_line"].to_numpy(), reasons, [json.dumps(r, default=str) for r in rows.drop(columns="source_line").astype(str).to_dict("records")])
+    quarantine.add(path, rows["source_line"].to_numpy(), *duplicate_records(rows, keys, first_line[dup]))
     return frame[~dup].reset_index(drop=True)
+
+
+def duplicate_records(rows: pd.DataFrame, keys: list[str], first_lines: Sequence[int]) -> tuple[list[str], list[str]]:
+    """The quarantine reasons and row texts of duplicate ``rows`` whose ``keys`` first
+    appeared on ``first_lines`` (the adapters' check, and the streaming pipeline's
+    across batches)."""
+    key_text = rows[keys].astype(str).agg(",".join, axis=1).to_numpy()
+    reasons = [f"duplicate key: ({','.join(keys)})=({k}) already on line {f}" for k, f in zip(key_text, first_lines)]
+    return reasons, [json.dumps(r, default=str) for r in rows.drop(columns="source_line").astype(str).to_dict("records")]
 
 
 def quarantine_dangling(frame: pd.DataFrame, column: str, known: pd.Series, path: str, target: str, quarantine: Quarantine) -> pd.DataFrame:
