@@ -279,3 +279,13 @@ def test_data_parallel_ranks_are_planned_per_variant(tiny) -> None:
     for bad, message in (({"ranks": 0}, "must be an int >= 1"), ({"procs": 2}, r"unknown key\(s\) \['procs'\]")):
         with pytest.raises(SuitePlanError, match=message):
             plan_suite(spec, {**TRAINING, "data_parallel": bad}, suite, suite="multidomain", registered=names)
+
+
+def test_more_data_parallel_ranks_than_gpus_stop_the_plan(tiny, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    training = deep_merge(TRAINING, {"data_parallel": {"ranks": 2}, "device": "cuda"})
+    with pytest.raises(SuitePlanError, match=r"ranks=2 needs one GPU per rank on cuda; this machine has 1"):
+        _plan({**tiny[0].to_dict(), "context_field": "hour"}, training=training)

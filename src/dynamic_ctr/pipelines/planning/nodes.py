@@ -158,6 +158,17 @@ def data_parallel_ranks(training: dict[str, Any]) -> int:
     ranks = settings.get("ranks", 1)
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         raise SuitePlanError(f"training.data_parallel.ranks={ranks!r} must be an int >= 1")
+    if ranks > 1:
+        import torch
+
+        from dynamic_ctr.training.device import resolve_device
+
+        device = resolve_device(str(training.get("device", "auto")))
+        if device.type == "cuda" and torch.cuda.device_count() < ranks:
+            raise SuitePlanError(
+                f"training.data_parallel.ranks={ranks} needs one GPU per rank on {device.type}; "
+                f"this machine has {torch.cuda.device_count()}"
+            )
     return ranks
 
 
