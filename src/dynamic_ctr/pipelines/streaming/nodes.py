@@ -156,7 +156,7 @@ def find_duplicates(keys: ParquetParts, ingestion: dict[str, Any]) -> pd.DataFra
     (``source_line``, ``first_line``, ``split``, ``label``), in line order.
 
     The key hashes of all batches (:func:`key_hashes`) are spread over buckets by hash,
-    about ``ingestion.duplicate_bucket_rows`` rows each (4M: a 360 MB peak), written to a
+    about ``ingestion.duplicate_bucket_rows`` rows each, written to a
     temporary folder and each bucket sorted by line in memory: memory stays bounded
     whatever the log's length, and the result is that of one sort of every key.
     """
