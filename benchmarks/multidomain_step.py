@@ -6,6 +6,8 @@ D = 16, E = 128, hidden [128, 64, 32], the domain a field of P + 2 values; AdaSp
 
   dnn         the DNN backbone (the floor)
   star        STAR: partitioned normalisation, shared o per-domain weights, auxiliary net
+  star-bmm    the same in its per-sample form (``matmul_form = "per_sample"``: one bmm over
+              every row's own gathered weights, instead of one GEMM per present domain)
   mmoe        MMoE, 4 experts [128, 64], one gate and one [32] tower per domain
   apg         DNN + APG v4 (K = 4), group-wise on the domain embedding
   adasparse   DNN + AdaSparse (binarization, pruner on [e_d; h^l], eq. 3)
@@ -24,6 +26,12 @@ sparsity boundary [0.15, 0.25]); inference (eval, no grad) on 1024 rows of that 
 the masked model (pruner computed, factors multiplied) against the pruned serving form
 (``AdaSparseTower.pruned_for_domain``: the zeroed neurons' rows and columns cut out),
 checked equal first.
+
+STAR also runs at the largest P on batches drawn from the smallest P's number of domains
+(the most frequent ones): as many domains a batch as at the smallest P, many more stored.
+Optimiser: STAR's per-domain rows at the largest P, the sparse gradients of one real batch,
+one step of ``torch.optim.SparseAdam`` against the training loop's ``LazyAdam`` (the
+same update rule, on the batch's rows only).
 
 Targets: STAR at 1,000 domains within 2x its time at 10; AdaSparse within 1.3x of the
 backbone at every P; the pruned form at least 1.15x faster than the masked model.
@@ -53,12 +61,14 @@ from torch import nn  # noqa: E402
 from dynamic_ctr.models import build_model  # noqa: E402
 from dynamic_ctr.spec import FeatureSpec, FieldSpec  # noqa: E402
 from dynamic_ctr.training.device import flush_denormals  # noqa: E402
-from dynamic_ctr.training.loop import TrainConfig, make_optimizer  # noqa: E402
+from dynamic_ctr.training.loop import LAZY_ROLE, TrainConfig, make_optimizer, parameter_roles  # noqa: E402
+from dynamic_ctr.training.optimizers import LazyAdam  # noqa: E402
 
 HIDDEN = [128, 64, 32]
 CONTENDERS = {
     "dnn": {"family": "dnn"},
     "star": {"family": "star", "star": {"aux_hidden": [32]}},
+    "star-bmm": {"family": "star", "star": {"aux_hidden": [32]}},  # matmul_form "per_sample"
     "mmoe": {"family": "mmoe", "mmoe": {"num_experts": 4, "expert_units": [128, 64], "tower_units": [32]}},
     "apg": {"family": "dnn", "apg": {"version": "v4", "rank": 4, "condition": {"mode": "group", "fields": ["domain"]}}},
     "adasparse": {"family": "dnn", "adasparse": {"formulation": "binarization"}},
@@ -72,9 +82,13 @@ def make_spec(domains: int) -> FeatureSpec:
     return FeatureSpec(tuple(fields), domain_field="domain")
 
 
-def make_batch(spec: FeatureSpec, domains: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    spec: FeatureSpec, domains: int, batch: int, gen: torch.Generator, present: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch whose domain ids follow Zipf(1.1) over the P domains (over the ``present``
+    most frequent ones only, if given)."""
     x = torch.randint(2, 1000, (batch, len(spec.fields)), generator=gen)
-    zipf = 1.0 / torch.arange(1, domains + 1, dtype=torch.float64) ** 1.1
+    zipf = 1.0 / torch.arange(1, (present or domains) + 1, dtype=torch.float64) ** 1.1
     x[:, -1] = 2 + torch.multinomial(zipf, batch, replacement=True, generator=gen)
     return x, torch.randint(0, 2, (batch,), generator=gen).float()
 
@@ -92,11 +106,17 @@ class Case:
         return self.name, self.domains
 
 
-def make_case(name: str, domains: int, args: argparse.Namespace, device: torch.device) -> Case:
+def make_case(
+    name: str, domains: int, args: argparse.Namespace, device: torch.device, present: int | None = None
+) -> Case:
+    """``name``'s training step at P = ``domains``; ``present`` limits the batch to that
+    many distinct domains (the case is then named ``<name>@<present>``)."""
     spec = make_spec(domains)
-    gen = torch.Generator().manual_seed(domains)
-    x, y = make_batch(spec, domains, args.batch, gen)
+    gen = torch.Generator().manual_seed(present or domains)
+    x, y = make_batch(spec, domains, args.batch, gen, present)
     model = build_model({**CONTENDERS[name], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
+    if name == "star-bmm":
+        model.net.matmul_form = "per_sample"
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3), device)  # as training does
     penalty = getattr(model, "penalty", None)
 
@@ -107,9 +127,39 @@ def make_case(name: str, domains: int, args: argparse.Namespace, device: torch.d
         (loss if extra is None else loss + extra).backward()
         optimizer.step()
 
-    case = Case(name, domains, step)
+    case = Case(name if present is None else f"{name}@{present}", domains, step)
     case.n = calibrate(step, device, args.min_block_ms)
     return case
+
+
+def distinct_domains(domains: int, batch: int) -> int:
+    """Distinct domains in the benchmark's batch at P = ``domains`` (the K of STAR's cost)."""
+    spec = make_spec(domains)
+    x, _ = make_batch(spec, domains, batch, torch.Generator().manual_seed(domains))
+    return int(x[:, -1].unique().numel())
+
+
+def optimiser_cases(domains: int, args: argparse.Namespace, device: torch.device) -> tuple[Case, Case]:
+    """One step of SparseAdam and of LazyAdam on STAR's per-domain rows, with the sparse
+    gradients of one batch (the same gradients every step)."""
+    spec = make_spec(domains)
+    x, y = make_batch(spec, domains, args.batch, torch.Generator().manual_seed(domains))
+    model = build_model({**CONTENDERS["star"], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
+    nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+    roles = parameter_roles(model)
+    lazy = [p for p in model.parameters() if roles.get(id(p)) == LAZY_ROLE]
+    assert lazy and all(p.grad.is_sparse for p in lazy)
+
+    def stepper(optimizer: torch.optim.Optimizer):
+        def run() -> None:
+            optimizer.step()  # grads stay: both coalesce a copy and never write them
+        return run
+
+    cases = (Case("sparseadam", domains, stepper(torch.optim.SparseAdam(lazy, lr=1e-3))),
+             Case("lazyadam", domains, stepper(LazyAdam(lazy, lr=1e-3))))
+    for c in cases:
+        c.n = calibrate(c.step, device, args.min_block_ms)
+    return cases
 
 
 def serving_cases(args: argparse.Namespace, device: torch.device) -> tuple[Case, Case]:
@@ -154,6 +204,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--domains", default="10,100,1000", help="comma-separated P")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated subset of {', '.join(CONTENDERS)} (dnn, the floor, is always run)")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
     parser.add_argument("--min-block-ms", type=float, default=200.0, help="minimum length of a timed block")
@@ -164,12 +216,20 @@ def main() -> None:
     flush_denormals()  # as the pipeline's training and evaluation do (see its docstring)
     device = torch.device("cpu")
     sizes = [int(v) for v in args.domains.split(",") if v.strip()]
+    names = ["dnn", *(n for n in CONTENDERS if n != "dnn" and n in args.contenders.split(","))]
+    unknown = set(args.contenders.split(",")) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"--contenders: unknown {sorted(unknown)}; choose from {sorted(CONTENDERS)}")
     t_start = time.perf_counter()
     print(machine_line(device))
     print(f"F=8, D=16, hidden {HIDDEN}, batch {args.batch}, Zipf(1.1) domains, step = forward + BCE + penalty + "
           f"backward + make_optimizer's step, {args.repeats} interleaved rounds")
-    cases = [make_case(name, p, args, device) for p in sizes for name in CONTENDERS]
+    cases = [make_case(name, p, args, device) for p in sizes for name in names]
     cases += serving_cases(args, device)
+    if "star" in names:
+        cases += optimiser_cases(max(sizes), args, device)
+        if max(sizes) > min(sizes):  # the largest P, batches holding as many domains as the smallest P's
+            cases.append(make_case("star", max(sizes), args, device, present=min(sizes)))
     rounds, shares, discarded = interleaved_rounds(args, cases, lambda c: timed(c.step, c.n, device), key=lambda c: c.key)
     for got in rounds:
         for c in cases:
@@ -179,19 +239,30 @@ def main() -> None:
     print("\n| P | model | ms / step | spread | x DNN |\n|---|---|---|---|---|")
     for p in sizes:
         floor = by_key[("dnn", p)]
-        for name in CONTENDERS:
+        for name in names:
             c = by_key[(name, p)]
             print(f"| {p:,} | {name} | {median(c.ms):.1f} | {fmt(spread(c.ms), '.0%')} | {paired_ratio(c.ms, floor.ms):.2f} |")
+    print("\ndistinct domains in the batch: " + ", ".join(f"P={p:,}: {distinct_domains(p, args.batch)}" for p in sizes))
+    if "star" in names and max(sizes) > min(sizes):
+        same = by_key[(f"star@{min(sizes)}", max(sizes))]
+        print(f"STAR at P={max(sizes):,} on batches of the {min(sizes)} most frequent domains (as many as at P={min(sizes):,}): "
+              f"{median(same.ms):.1f} ms, {paired_ratio(same.ms, by_key[('star', min(sizes))].ms):.2f}x its time at P={min(sizes):,}")
+    if "star" in names:
+        sparse, lazy = by_key[("sparseadam", max(sizes))], by_key[("lazyadam", max(sizes))]
+        print(f"STAR's per-domain rows at P={max(sizes):,}, one optimiser step: SparseAdam {median(sparse.ms):.1f} ms, "
+              f"LazyAdam {median(lazy.ms):.1f} ms ({paired_ratio(sparse.ms, lazy.ms):.1f}x faster)")
     masked, pruned = by_key[("masked", 0)], by_key[("pruned", 0)]
     print(f"\nserving one domain, {args.batch} rows: masked {median(masked.ms):.2f} ms, pruned {median(pruned.ms):.2f} ms")
     print(f"other processes' CPU share during the kept rounds: max {max(shares):.0%}; {discarded} disturbed round(s) repeated")
 
     print(f"\nTargets (total run {time.perf_counter() - t_start:.0f}s):")
-    if {10, 1000} <= set(sizes):
+    if {10, 1000} <= set(sizes) and "star" in names:
         r = paired_ratio(by_key[("star", 1000)].ms, by_key[("star", 10)].ms)
         print(f"  STAR at 1,000 domains <= 2x its time at 10: {r:.2f}x -> {'met' if r <= 2 else 'NOT met'}")
     for p in sizes:
         for name in ("adasparse", "adasparse-domain"):
+            if name not in names:
+                continue
             r = paired_ratio(by_key[(name, p)].ms, by_key[("dnn", p)].ms)
             print(f"  [P={p}] {name} <= 1.3x the DNN backbone: {r:.2f}x -> {'met' if r <= 1.3 else 'NOT met'}")
     speedup = paired_ratio(masked.ms, pruned.ms)

@@ -285,6 +285,62 @@ def test_pruned_for_domain_matches_the_masked_tower(formulation, batch_norm):
         assert [lin.in_features for lin in other.linears] != [lin.in_features for lin in pruned.linears]
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_domain_pruners_run_once_per_domain_with_the_per_row_values(formulation):
+    """pruner_input="domain" computes pi per distinct domain of the batch and gathers it;
+    the factors and the regulariser equal a row-by-row computation, also when two
+    domains collide on the projection (the exact fallback) and when e_d needs a gradient
+    (every row its own pruner)."""
+    domains = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
+    sizes = [1, 2, 5, 8]  # unequal: the regulariser must weight each domain by its rows
+
+    def build(**kw) -> AdaSparseTower:
+        tower = perturb(_tower(formulation=formulation, pruner_input="domain", alpha_start=5.0,
+                               alpha_max=5.0, r_min=0.9, r_max=0.95, hidden_units=[8, 6], **kw),
+                        seed=4, scale=1.0)
+        return tower
+
+    h, emb = _inputs(batch=sum(sizes), seed=9)
+    emb[:, DOMAIN] = torch.cat([d.expand(n, D) for d, n in zip(domains, sizes)])
+    emb = emb[torch.randperm(len(emb), generator=torch.Generator().manual_seed(1))]
+    tower = build()
+    e_d = tower.domain_embedding(emb)
+
+    def per_row(tower: AdaSparseTower) -> tuple[list[torch.Tensor], torch.Tensor]:
+        factors, retained = [], []
+        for pruner in tower.pruners:
+            rows = [weighting_factors(pruner(e[None]), formulation, alpha=tower.alpha, beta=tower.beta,
+                                      epsilon=tower.epsilon)[0] for e in e_d]
+            pi = torch.stack(rows)
+            factors.append(pi)
+            keep = pi / tower.beta if formulation == "scaling" else (pi > 0).to(pi.dtype)
+            retained.append(keep.mean())
+        return factors, tower.regulariser(torch.stack(retained), tower.lambda_hat)
+
+    with torch.no_grad():
+        expected, expected_penalty = per_row(tower)
+    for pi, want in zip(tower.factors(h, emb), expected, strict=True):
+        torch.testing.assert_close(pi, want, rtol=1e-6, atol=1e-6)
+    rows, inverse, counts = tower._distinct_domains(e_d)
+    assert sorted(counts.tolist()) == sorted(sizes) and torch.equal(rows[inverse], e_d)
+    tower.train()(h, emb)
+    torch.testing.assert_close(tower.penalty().detach(), expected_penalty, rtol=1e-5, atol=1e-7)
+    assert expected_penalty > 0
+
+    collided = build()
+    collided._probe.zero_()  # every domain on one key: the check falls back to unique(dim=0)
+    rows, inverse, counts = collided._distinct_domains(e_d)
+    assert sorted(counts.tolist()) == sorted(sizes) and torch.equal(rows[inverse], e_d)
+    for pi, want in zip(collided.factors(h, emb), expected, strict=True):
+        torch.testing.assert_close(pi, want, rtol=1e-6, atol=1e-6)
+
+    grad_path = build(stop_gradient=False)  # training with e_d in the graph: per row
+    emb_leaf = emb.clone().requires_grad_(True)
+    grad_path.train()(h, emb_leaf).sum().backward()
+    torch.testing.assert_close(grad_path.penalty().detach(), expected_penalty, rtol=1e-5, atol=1e-7)
+    assert emb_leaf.grad[:, DOMAIN].abs().sum() > 0
+
+
 def test_pruned_for_domain_needs_domain_only_pruners():
     tower = _tower(pruner_input="domain_and_hidden")
     with pytest.raises(ValueError, match="pruner_input"):

@@ -91,13 +91,14 @@ def test_a_spec_without_domains_needs_a_domain_field_named(spec):
 
 
 def test_star_domains_absent_from_a_batch_keep_their_weights(spec):
-    """STAR's per-domain parameters get sparse gradients and lazy updates (SparseAdam):
+    """STAR's per-domain parameters get sparse gradients and lazy updates (LazyAdam):
     a step moves the batch's domains only, whatever the momentum; the shared ones move."""
     from dynamic_ctr.training.loop import TrainConfig, clip_grad_norm, make_optimizer
+    from dynamic_ctr.training.optimizers import LazyAdam
 
     model = build_model(small_config(family="star"), spec).train()
     optimizer = make_optimizer(model, TrainConfig(lr=0.01), torch.device("cpu"))
-    assert isinstance(optimizer.optimizers["domain"], torch.optim.SparseAdam)
+    assert isinstance(optimizer.optimizers["domain"], LazyAdam)
     layer = model.net.layers[0]
     x = torch.tensor([[2, 3, 2, 2, 3, 0, 0], [4, 5, 3, 1, 0, 0, 0]])  # domains 2 and 3 only
     for step in range(3):

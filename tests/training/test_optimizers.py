@@ -1,7 +1,9 @@
-"""FTRL and GroupFTRL against plain NumPy references, pytorch-optimizer, and each other."""
+"""FTRL and GroupFTRL against plain NumPy references, pytorch-optimizer, and each other;
+LazyAdam against torch.optim.SparseAdam."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynamic_ctr.training.optimizers import FTRL, GroupFTRL
+from dynamic_ctr.training.optimizers import FTRL, GroupFTRL, LazyAdam
 
 HP = {"lr": 0.5, "beta": 1.0, "l1": 0.3, "l2": 0.1}
 
@@ -330,3 +332,80 @@ def test_float32_embedding_trains_and_stays_finite():
             losses.append(loss.item())
         assert torch.isfinite(emb.weight).all()
         assert losses[-1] < 0.5 * losses[0]
+
+
+# --------------------------------------------------------------------------- LazyAdam
+
+
+def _sparse_steps(opt_cls, steps: int = 6, **kwargs) -> tuple[list[torch.Tensor], dict]:
+    """Two row-sparse parameters (an embedding table read with duplicate and missing ids,
+    a (P, N * M) matrix read one row per id, as STAR's), trained a few steps."""
+    torch.manual_seed(0)
+    table = nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
+    rows = nn.Parameter(torch.randn(7, 6, dtype=torch.float64))
+    opt = opt_cls([table, rows], **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        ids = torch.randint(0, 6, (9,), generator=gen)  # duplicates; ids 6-9 never read
+        picked = torch.unique(torch.randint(0, 7, (3,), generator=gen))
+        loss = nn.functional.embedding(ids, table, sparse=True).square().sum()
+        loss = loss + (nn.functional.embedding(picked, rows, sparse=True) * (step + 1)).sin().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return [table.detach(), rows.detach()], opt.state_dict()
+
+
+def test_lazy_adam_equals_sparse_adam():
+    kwargs = {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6}
+    ours, ours_state = _sparse_steps(LazyAdam, **kwargs)
+    torchs, torch_state = _sparse_steps(torch.optim.SparseAdam, **kwargs)
+    for a, b in zip(ours, torchs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for key, state in torch_state["state"].items():  # same state, same names
+        assert ours_state["state"][key]["step"] == state["step"]
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours_state["state"][key][name], state[name], rtol=1e-12, atol=1e-12)
+
+
+def test_lazy_adam_leaves_unread_rows_alone():
+    torch.manual_seed(0)
+    table = nn.Parameter(torch.randn(5, 3))
+    before = table.detach().clone()
+    opt = LazyAdam([table], lr=0.1)
+    nn.functional.embedding(torch.tensor([1, 3, 3]), table, sparse=True).sum().backward()
+    opt.step()
+    moved = (table.detach() != before).any(dim=1)
+    assert moved.tolist() == [False, True, False, True, False]
+    assert opt.state[table]["exp_avg"][[0, 2, 4]].abs().sum() == 0
+
+
+def test_lazy_adam_resumes_from_its_state_dict():
+    def train(table: nn.Parameter, opt: LazyAdam, steps: range) -> None:
+        for step in steps:
+            ids = torch.tensor([step % 4, (step + 1) % 4, 1])
+            opt.zero_grad(set_to_none=True)
+            (nn.functional.embedding(ids, table, sparse=True) * step).cos().sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    table = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+    opt = LazyAdam([table], lr=0.1)
+    train(table, opt, range(3))
+    saved_weights, saved_state = table.detach().clone(), copy.deepcopy(opt.state_dict())
+    train(table, opt, range(3, 6))  # uninterrupted
+    resumed = nn.Parameter(saved_weights)
+    again = LazyAdam([resumed], lr=0.1)
+    again.load_state_dict(saved_state)
+    train(resumed, again, range(3, 6))  # after a restart
+    torch.testing.assert_close(resumed.detach(), table.detach(), rtol=0, atol=0)
+    assert again.state[resumed]["step"] == 6
+
+
+def test_lazy_adam_rejects_dense_gradients_and_bad_values():
+    p = nn.Parameter(torch.ones(3, 2))
+    (p * 2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"shape \(3, 2\) got a dense gradient"):
+        LazyAdam([p]).step()
+    with pytest.raises(ValueError, match=r"lr=0 must be > 0.*betas=\(0.9, 1.0\).*eps=0"):
+        LazyAdam([p], lr=0, betas=(0.9, 1.0), eps=0)

@@ -301,6 +301,10 @@ class AdaSparseTower(nn.Module):
         self.register_buffer("alpha", torch.tensor(self.alpha_start))
         self.register_buffer("lambda_hat", torch.tensor(self.lambda_start))
         self._last_penalty = None
+        # a fixed random direction whose projections tell the batch's domains apart
+        # (_distinct_domains); not state: the same for every tower of this width
+        probe = torch.randn(self.domain_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.register_buffer("_probe", probe, persistent=False)
 
     # ------------------------------------------------------------------ schedules
 
@@ -328,30 +332,75 @@ class AdaSparseTower(nn.Module):
         return emb[:, list(self.domain_fields)].flatten(1)  # (B, C)
 
     def _pruner_logits(self, layer: int, e_d: Tensor, h: Tensor) -> Tensor:
-        """``v^l = W_p^l [e_d; h^l]`` (or ``W_p^l e_d``): ``(B, N_l)``; ``e_d`` is already
-        stop-gradient when ``stop_gradient``."""
-        pruner = self.pruners[layer]
-        if self.pruner_input == "domain":
-            return pruner(e_d)  # (B, N_l)
+        """``v^l = W_p^l [e_d; h^l]``: ``(B, N_l)``; ``e_d`` is already stop-gradient when
+        ``stop_gradient``. (``pruner_input="domain"`` takes :meth:`_domain_factors`.)"""
         if self.stop_gradient:
             h = h.detach()
-        return pruner(torch.cat([e_d, h], dim=1))  # (B, N_l)
+        return self.pruners[layer](torch.cat([e_d, h], dim=1))  # (B, N_l)
 
-    def _run(self, h: Tensor, emb: Tensor, alpha: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """The tower: output ``(B, H_last)``, and per layer ``pi^l`` and ``rho^l`` ``(B, N_l)``."""
+    def _distinct_domains(self, e_d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The distinct rows of ``e_d``: ``rows (U, C)``, ``inverse (B,)`` with
+        ``rows[inverse] == e_d`` exactly, and ``counts (U,)``.
+
+        Found by sorting a random projection of the rows (a few microseconds, where
+        ``torch.unique(dim=0)`` sorts whole rows, about 1 ms at B = 1024); the exact
+        check then falls back to that sort on a collision."""
+        keys = e_d.to(torch.float64) @ self._probe.to(e_d.device)  # (B,)
+        _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        first = torch.empty_like(counts).scatter_(0, inverse, torch.arange(len(e_d), device=e_d.device))
+        rows = e_d.index_select(0, first)
+        if not torch.equal(rows.index_select(0, inverse), e_d):  # two domains, one key
+            rows, inverse, counts = torch.unique(e_d, dim=0, return_inverse=True, return_counts=True)
+        return rows, inverse, counts
+
+    def _domain_factors(self, e_d: Tensor, alpha: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``pruner_input="domain"``: ``pi^l (B, N_l)`` of every layer and the batch mean of
+        every layer's retention ``rho^l``, ``(L,)``.
+
+        ``pi^l`` is a function of ``e_d`` alone, so the pruners and the formulation run
+        once per DISTINCT domain of the batch, as one matmul over all L layers, and the
+        rows take their domain's factors by index: the extra cost per row is a gather and
+        the product ``h^l o pi^l``, the paper's O(D N_l) (§3.1.3). Same values as running
+        every row; a millisecond step is bound by passes over (B, N_l) tensors
+        (docs/benchmarks.md §6). When ``e_d`` needs a gradient (``stop_gradient=False``
+        in training) every row runs its own pruner, so each row's gradient is its own.
+        """
+        weight = torch.cat([pruner.weight for pruner in self.pruners])  # (sum N_l, C)
+        bias = torch.cat([pruner.bias for pruner in self.pruners])
+        widths = [pruner.out_features for pruner in self.pruners]
+        if e_d.requires_grad:
+            pi, rho = _factors_and_retention(torch.addmm(bias, e_d, weight.t()), self.formulation,
+                                             alpha, self.beta, self.epsilon)  # (B, sum N_l)
+            retained = torch.stack([r.mean() for r in rho.split(widths, dim=1)])
+            return list(pi.split(widths, dim=1)), retained
+        rows, inverse, counts = self._distinct_domains(e_d)
+        pi, rho = _factors_and_retention(torch.addmm(bias, rows, weight.t()), self.formulation,
+                                         alpha, self.beta, self.epsilon)  # (U, sum N_l)
+        share = counts.to(rho.dtype) / len(e_d)  # (U,): each domain's share of the batch
+        retained = torch.stack([r.mean() for r in (share @ rho).split(widths)])  # (L,)
+        return [pi_l.index_select(0, inverse) for pi_l in pi.split(widths, dim=1)], retained
+
+    def _run(self, h: Tensor, emb: Tensor, alpha: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """The tower: output ``(B, H_last)``, ``pi^l (B, N_l)`` per layer, and the batch
+        mean of every layer's retention ``rho^l`` (``(L,)``; ``r^l = 1 - rho^l``)."""
         if h.ndim != 2 or h.shape[1] != self.in_dim:
             raise ValueError(f"h must be (B, {self.in_dim}), got {tuple(h.shape)}")
         e_d = self.domain_embedding(emb)  # (B, C)
         if self.stop_gradient:
             e_d = e_d.detach()
+        if self.pruner_input == "domain":
+            factors, retained = self._domain_factors(e_d, alpha)  # eqs. (3)-(8), all layers
+            for linear, act, pi in zip(self.linears, self.acts, factors):
+                h = act(linear(h * pi))  # (B, N_{l+1}): eq. (2), then W^l
+            return h, factors, retained
         factors, retention = [], []
         for i, (linear, act) in enumerate(zip(self.linears, self.acts)):
             logits = self._pruner_logits(i, e_d, h)  # (B, N_l): eq. (3) before S_eps o sigma
             pi, rho = _factors_and_retention(logits, self.formulation, alpha, self.beta, self.epsilon)
             h = act(linear(h * pi))  # (B, N_{l+1}): eq. (2), then W^l
             factors.append(pi)
-            retention.append(rho)
-        return h, factors, retention
+            retention.append(rho.mean())
+        return h, factors, torch.stack(retention)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         """``h (B, E_in)``, ``emb (B, F, D)`` -> ``(B, H_last)``.
@@ -359,28 +408,26 @@ class AdaSparseTower(nn.Module):
         In training mode also records this batch's regulariser (:meth:`penalty`) and
         advances ``step``, ``alpha`` and ``lambda_hat``; eval mode changes nothing.
         """
-        out, _, retention = self._run(h, emb, self.alpha.clone())  # clone: alpha moves in place
+        out, _, retained = self._run(h, emb, self.alpha.clone())  # clone: alpha moves in place
         if self.training:
-            self._last_penalty = self.regulariser(retention, self.lambda_hat.clone())
+            self._last_penalty = self.regulariser(retained, self.lambda_hat.clone())
             self._advance()
         return out
 
-    def regulariser(self, retention: Sequence[Tensor], lambda_hat: Tensor | float) -> Tensor:
-        """Eqs. (9)-(10) from the retentions ``rho^l (B, N_l)`` (``r^l = 1 - mean rho^l``).
+    def regulariser(self, retained: Tensor, lambda_hat: Tensor | float) -> Tensor:
+        """Eqs. (9)-(10) from the batch-mean retentions ``rho^l`` of the L layers, ``(L,)``
+        (``r^l = 1 - rho^l = 1 - ||pi^l||_1 / N_l``, averaged over the batch).
 
         Returns:
             ``R_s = (1/L) sum_l lambda^l |r^l - r|`` (a scalar) with ``lambda^l = 0``
             inside ``[r_min, r_max]``, else ``lambda_hat |r^l - r|`` (detached: a weight).
         """
         target = 0.5 * (self.r_min + self.r_max)
-        terms = []
-        for rho in retention:
-            ratio = 1.0 - rho.mean()  # r^l: 1 - ||pi^l||_1 / N_l, averaged over the batch
-            distance = (ratio - target).abs()
-            inside = (ratio >= self.r_min) & (ratio <= self.r_max)
-            weight = torch.where(inside, torch.zeros_like(distance), lambda_hat * distance).detach()
-            terms.append(weight * distance)  # lambda^l |r^l - r|
-        return torch.stack(terms).mean()
+        ratio = 1.0 - retained  # r^l, (L,): a handful of operations whatever L is
+        distance = (ratio - target).abs()
+        inside = (ratio >= self.r_min) & (ratio <= self.r_max)
+        weight = torch.where(inside, 0.0, lambda_hat * distance).detach()  # lambda^l
+        return (weight * distance).mean()
 
     def penalty(self) -> Tensor:
         """The sparsity regulariser R_s (eq. 9) of the LAST training-mode forward, a scalar
@@ -421,9 +468,10 @@ class AdaSparseTower(nn.Module):
     def activation_numel(self, batch_size: int) -> int:
         """Elements materialised per batch, counted analytically: ``e_d`` (B, C) once;
         per layer the concatenated pruner input ``(B, C + N_l)`` (domain_and_hidden only),
-        the pruner logits and the factors (``2 (B, N_l)``), the pruned input
-        ``h^l o pi^l`` (B, N_l) and the output ``(B, N_{l+1})``. BatchNorm/ReLU copies,
-        the STE's intermediates and autograd buffers are not counted."""
+        the pruner logits and the factors (``2 (B, N_l)``; with ``pruner_input="domain"``
+        the logits are per distinct domain, counted here at their most, B), the pruned
+        input ``h^l o pi^l`` (B, N_l) and the output ``(B, N_{l+1})``. BatchNorm/ReLU
+        copies, the STE's intermediates and autograd buffers are not counted."""
         b, c = batch_size, self.domain_dim
         total = b * c
         for linear in self.linears:
@@ -469,11 +517,7 @@ class AdaSparseTower(nn.Module):
                 f"e_d must be ({self.domain_dim},) = (len(domain_fields) * D,), got {tuple(e_d.shape)}"
             )
         with self._inference():
-            factors = [
-                _factors_and_retention(pruner(e_d.unsqueeze(0)), self.formulation, self.alpha,
-                                       self.beta, self.epsilon)[0][0]
-                for pruner in self.pruners
-            ]  # pi^l (N_l,) each
+            factors = [pi[0] for pi in self._domain_factors(e_d.unsqueeze(0), self.alpha)[0]]  # pi^l (N_l,)
             kept = [torch.nonzero(pi, as_tuple=True)[0] for pi in factors]  # neurons with pi != 0
             kept.append(torch.arange(self.out_dim, device=e_d.device))  # the output: all
             linears, acts = [], []

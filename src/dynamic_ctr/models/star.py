@@ -258,7 +258,7 @@ class StarLinear(nn.Module):
     Every domain's ``W_d (N, M)`` and ``b_d (N,)`` is a row of one registered parameter,
     ``domain_weight (P, N * M)`` (row p = ``W_p`` flattened) and ``domain_bias (P, N)``
     (init 1 and 0). They are read with sparse gradients, so a step's gradient holds the
-    batch's domains only and a lazy optimiser (``torch.optim.SparseAdam``; the training
+    batch's domains only and a lazy optimiser (``training.optimizers.LazyAdam``; the training
     loop's default for the ``domain`` role) leaves the other domains' weights as they
     are: each domain's parameters learn from its own rows only, and the cost of a step
     does not grow with P.

@@ -87,7 +87,7 @@ identical either way.
 ``meta_loss``/``adapt`` hooks (MAML: the loss bypasses the DDP forward and its inner step
 needs the per-domain support rows of the whole batch); parameters with sparse gradients
 (STAR's per-domain weights, role ``domain``, read with ``F.embedding(sparse=True)`` and
-updated by SparseAdam; also ``nn.Embedding(sparse=True)``: DDP fails on the former and
+updated by LazyAdam; also ``nn.Embedding(sparse=True)``: DDP fails on the former and
 NCCL has no sparse all-reduce); ``checkpoint_dir`` (per-epoch resume state); a global
 batch not divisible by ``W``.
 

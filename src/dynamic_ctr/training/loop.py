@@ -26,7 +26,7 @@ from dynamic_ctr.training import resume as _resume
 from dynamic_ctr.training.batching import RowGroupData, TensorData, batches, num_batches
 from dynamic_ctr.training.device import flush_denormals, make_generator
 from dynamic_ctr.training.metrics import auc, evaluate, log_loss
-from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL
+from dynamic_ctr.training.optimizers import FTRL, OPTIMIZERS, CombinedOptimizer, GroupFTRL, LazyAdam
 
 if TYPE_CHECKING:
     from dynamic_ctr.training.distributed import World
@@ -185,7 +185,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
 
 
 #: The role of per-domain parameters read with sparse gradients (STAR's W_p, b_p): unless
-#: ``group_optimizers`` names it, updated lazily by ``torch.optim.SparseAdam``.
+#: ``group_optimizers`` names it, updated lazily by :class:`LazyAdam` (SparseAdam's rule).
 LAZY_ROLE = "domain"
 
 
@@ -196,7 +196,7 @@ def make_optimizer(
 
     With ``cfg.group_optimizers``, each listed role gets its own optimiser (FTRL,
     group-lasso FTRL or Adam at its own ``lr``) and the rest keeps these Adam groups;
-    parameters of role ``domain`` (sparse gradients) get ``SparseAdam`` at ``cfg.lr``
+    parameters of role ``domain`` (sparse gradients) get :class:`LazyAdam` at ``cfg.lr``
     unless listed; the result steps them all as one (:class:`CombinedOptimizer`). Adam uses the fused
     CUDA kernel on CUDA and the ``foreach`` implementation elsewhere.
     """
@@ -241,7 +241,7 @@ def make_optimizer(
         else:
             optimizers[role] = (FTRL if kind == "ftrl" else GroupFTRL)(per_role[role], **hyper)
     if lazy:  # sparse gradients (only the batch's domains): Adam's moments for those rows only
-        optimizers[LAZY_ROLE] = torch.optim.SparseAdam(lazy, lr=cfg.lr)
+        optimizers[LAZY_ROLE] = LazyAdam(lazy, lr=cfg.lr)
     if groups:
         optimizers["default"] = torch.optim.Adam(groups, lr=cfg.lr, **kernel)
     return CombinedOptimizer(optimizers)

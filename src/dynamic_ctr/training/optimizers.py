@@ -1,4 +1,5 @@
-"""FTRL-Proximal and group-lasso FTRL optimisers (torch only).
+"""FTRL-Proximal and group-lasso FTRL optimisers, and a lazy Adam for row-sparse
+gradients (torch only).
 
 Both optimisers keep two tensors of state per parameter, the same shape as the
 parameter: ``z`` (the accumulated, proximally corrected gradient) and ``n`` (the
@@ -62,7 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FTRL", "OPTIMIZERS", "CombinedOptimizer", "GroupFTRL"]
+__all__ = ["FTRL", "OPTIMIZERS", "CombinedOptimizer", "GroupFTRL", "LazyAdam"]
 
 
 def _check_hyper_parameters(lr: float, beta: float, l1: float, l2: float) -> None:
@@ -125,6 +126,14 @@ def _group_weights(
     return torch.where(untouched, w, new_w)
 
 
+def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The loss of a ``step(closure)`` call, computed with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _FTRLBase(torch.optim.Optimizer):
     """Hyper-parameter checks, the ``step`` loop and sparse/dense dispatch."""
 
@@ -155,10 +164,7 @@ class _FTRLBase(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             hp = (group["lr"], group["beta"], group["l1"], group["l2"])
             for p in group["params"]:
@@ -315,6 +321,96 @@ class GroupFTRL(_FTRLBase):
         p[rows] = _group_weights(w_r, z_new, n_new, alpha, beta, l1, l2).view(shape)
         z[rows] = z_new.view(shape)
         n[rows] = n_new.view(shape)
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam``'s update rule, computed on the gradient's rows only.
+
+    For parameters whose gradients are row-sparse COO tensors (``nn.Embedding(...,
+    sparse=True)``, STAR's per-domain weights): each step coalesces the gradient and
+    updates the moments and the weights of the rows it lists; every other row keeps
+    its weights and moments (lazy Adam). Per listed row ``r``, with ``t`` the number of
+    steps this parameter has taken (SparseAdam's ``state["step"]``)::
+
+        m_r <- m_r + (1 - beta1) (g_r - m_r)
+        v_r <- v_r + (1 - beta2) (g_r^2 - v_r)
+        w_r <- w_r - lr sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
+
+    the same values as SparseAdam up to float rounding (tested), and the same state
+    (``step``, ``exp_avg``, ``exp_avg_sq``). SparseAdam builds sparse tensors for every
+    intermediate and adds them into the dense state; here the rows are gathered once
+    (``index_select``), updated in place and written back (``index_copy_``), a dozen
+    passes over the listed rows. ``benchmarks/multidomain_step.py`` times both on STAR's
+    per-domain rows (docs/benchmarks.md §6), where the optimiser is a large part of a step.
+
+    Args:
+        params: parameters (or groups) whose gradients are sparse with one sparse
+            dimension (rows); a dense gradient raises, as SparseAdam's does.
+        lr: > 0. betas: each in ``[0, 1)``. eps: > 0.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        _check_adam(lr, betas, eps)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``, checking the group's values."""
+        _check_adam(*(param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps")))
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One update of every parameter that has a gradient."""
+        loss = _evaluate(closure)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse or p.grad.sparse_dim() != 1:
+                    raise RuntimeError(
+                        f"LazyAdam updates rows of row-sparse gradients (sparse_dim 1); the "
+                        f"parameter of shape {tuple(p.shape)} got a "
+                        f"{'dense' if not p.grad.is_sparse else f'sparse_dim {p.grad.sparse_dim()}'} "
+                        "gradient: give it Adam, or read it with sparse=True"
+                    )
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                grad = p.grad.coalesce()
+                if grad._nnz() == 0:
+                    continue
+                rows, g = grad.indices()[0], grad.values()
+                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                t = state["step"]
+                step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
+        return loss
+
+
+def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
+    """Raise ``ValueError`` naming every bad hyper-parameter."""
+    bad = []
+    if not lr > 0:
+        bad.append(f"lr={lr} must be > 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        bad.append(f"betas={betas} must be two values in [0, 1)")
+    if not eps > 0:
+        bad.append(f"eps={eps} must be > 0")
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 #: Optimisers a parameter role may use (``TrainConfig.group_optimizers``).

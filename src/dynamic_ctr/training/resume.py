@@ -34,7 +34,7 @@ run code even with a forged manifest.
 **What is kept** (the dict :func:`save_state` writes): ``epoch``, ``stopped``,
 ``model`` (state dict, buffers included: AdaSparse's annealing step, STAR's running
 statistics, MAML's adapted heads), ``optimizer`` (also a :class:`CombinedOptimizer`'s
-per-role states: FTRL's ``z``/``n``, SparseAdam's moments), ``scaler`` (GradScaler),
+per-role states: FTRL's ``z``/``n``, LazyAdam's moments), ``scaler`` (GradScaler),
 ``best_state``, ``best_auc``, ``best_epoch``, ``epochs_without_improvement``,
 ``history``, ``last_finite`` and ``rng``: torch's global generator (dropout), the
 shuffling generator, the CUDA generator of the device when on CUDA, NumPy's and
