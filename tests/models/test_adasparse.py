@@ -334,6 +334,9 @@ def test_domain_pruners_run_once_per_domain_with_the_per_row_values(formulation)
     for pi, want in zip(collided.factors(h, emb), expected, strict=True):
         torch.testing.assert_close(pi, want, rtol=1e-6, atol=1e-6)
 
+    halved = build().to(torch.bfloat16)  # the probe buffer is cast too; keys stay float64
+    assert halved.factors(h.bfloat16(), emb.bfloat16())[0].shape == expected[0].shape
+
     grad_path = build(stop_gradient=False)  # training with e_d in the graph: per row
     emb_leaf = emb.clone().requires_grad_(True)
     grad_path.train()(h, emb_leaf).sum().backward()

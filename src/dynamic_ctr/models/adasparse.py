@@ -342,10 +342,12 @@ class AdaSparseTower(nn.Module):
         """The distinct rows of ``e_d``: ``rows (U, C)``, ``inverse (B,)`` with
         ``rows[inverse] == e_d`` exactly, and ``counts (U,)``.
 
-        Found by sorting a random projection of the rows (a few microseconds, where
-        ``torch.unique(dim=0)`` sorts whole rows, about 1 ms at B = 1024); the exact
-        check then falls back to that sort on a collision."""
-        keys = e_d.to(torch.float64) @ self._probe.to(e_d.device)  # (B,)
+        Found by sorting one number per row, a random projection (``torch.unique(dim=0)``
+        sorts whole rows, far slower); the exact check falls back to that sort on a
+        collision. Both ``unique`` and the check wait for the device on a GPU.
+        The projection is in float64 whatever the model's dtype (``model.float()`` or
+        ``.to(bfloat16)`` also cast the probe buffer)."""
+        keys = e_d.to(torch.float64) @ self._probe.to(device=e_d.device, dtype=torch.float64)  # (B,)
         _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         first = torch.empty_like(counts).scatter_(0, inverse, torch.arange(len(e_d), device=e_d.device))
         rows = e_d.index_select(0, first)
