@@ -32,6 +32,22 @@ def test_tensors_from_columns_stacks_index_columns_in_spec_order(spec, columns_f
     np.testing.assert_array_equal(data.groups["user"].numpy(), cols["user"])
 
 
+def test_tensors_from_columns_copies_read_only_columns(spec, columns_factory):
+    """Arrow-backed columns are read-only: the tensors get their own memory, so an
+    in-place write is defined and leaves the columns as they were."""
+    cols, _ = columns_factory(20, seed=4)
+    frozen = {}
+    for name, values in cols.items():
+        values = np.array(values)
+        values.flags.writeable = False
+        frozen[name] = values
+    data = tensors_from_columns(frozen, spec)
+    data.y.add_(1.0)
+    data.groups["user"].add_(1)
+    np.testing.assert_array_equal(frozen["label"], cols["label"])
+    np.testing.assert_array_equal(frozen["user"], cols["user"])
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [

@@ -141,13 +141,16 @@ def tensors_from_columns(
 
     device = torch.device(device)
     return TensorData(
-        x=torch.from_numpy(np.ascontiguousarray(x)).to(device),
-        y=torch.from_numpy(y).to(device),
-        groups={
-            c: torch.from_numpy(np.asarray(columns[c], dtype=np.int64)).to(device)
-            for c in group_columns
-        },
+        x=_owned_tensor(np.ascontiguousarray(x)).to(device),
+        y=_owned_tensor(y).to(device),
+        groups={c: _owned_tensor(np.asarray(columns[c], dtype=np.int64)).to(device) for c in group_columns},
     )
+
+
+def _owned_tensor(array: np.ndarray) -> Tensor:
+    """``torch.from_numpy``, copying a read-only array first (an Arrow-backed column): a
+    CPU tensor sharing read-only memory would make any in-place write undefined."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
