@@ -370,17 +370,19 @@ class AdaSparseTower(nn.Module):
         weight = torch.cat([pruner.weight for pruner in self.pruners])  # (sum N_l, C)
         bias = torch.cat([pruner.bias for pruner in self.pruners])
         widths = [pruner.out_features for pruner in self.pruners]
-        if e_d.requires_grad:
-            pi, rho = _factors_and_retention(torch.addmm(bias, e_d, weight.t()), self.formulation,
-                                             alpha, self.beta, self.epsilon)  # (B, sum N_l)
-            retained = torch.stack([r.mean() for r in rho.split(widths, dim=1)])
-            return list(pi.split(widths, dim=1)), retained
-        rows, inverse, counts = self._distinct_domains(e_d)
+        if e_d.requires_grad:  # every row its own pruner
+            rows, inverse, counts = e_d, None, None
+        else:
+            rows, inverse, counts = self._distinct_domains(e_d)
         pi, rho = _factors_and_retention(torch.addmm(bias, rows, weight.t()), self.formulation,
-                                         alpha, self.beta, self.epsilon)  # (U, sum N_l)
-        share = counts.to(rho.dtype) / len(e_d)  # (U,): each domain's share of the batch
-        retained = torch.stack([r.mean() for r in (share @ rho).split(widths)])  # (L,)
-        return [pi_l.index_select(0, inverse) for pi_l in pi.split(widths, dim=1)], retained
+                                         alpha, self.beta, self.epsilon)  # (U or B, sum N_l)
+        if counts is None:
+            column_means = rho.mean(0)  # (sum N_l,)
+        else:  # each domain weighted by its share of the batch's rows
+            column_means = (counts.to(rho.dtype) / len(e_d)) @ rho
+        retained = torch.stack([m.mean() for m in column_means.split(widths)])  # (L,)
+        factors = pi.split(widths, dim=1)
+        return [f if inverse is None else f.index_select(0, inverse) for f in factors], retained
 
     def _run(self, h: Tensor, emb: Tensor, alpha: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """The tower: output ``(B, H_last)``, ``pi^l (B, N_l)`` per layer, and the batch
@@ -390,19 +392,21 @@ class AdaSparseTower(nn.Module):
         e_d = self.domain_embedding(emb)  # (B, C)
         if self.stop_gradient:
             e_d = e_d.detach()
-        if self.pruner_input == "domain":
+        per_layer = self.pruner_input == "domain_and_hidden"  # each pruner waits for its h^l
+        if per_layer:
+            factors, retention = [], []
+        else:
             factors, retained = self._domain_factors(e_d, alpha)  # eqs. (3)-(8), all layers
-            for linear, act, pi in zip(self.linears, self.acts, factors):
-                h = act(linear(h * pi))  # (B, N_{l+1}): eq. (2), then W^l
-            return h, factors, retained
-        factors, retention = [], []
         for i, (linear, act) in enumerate(zip(self.linears, self.acts)):
-            logits = self._pruner_logits(i, e_d, h)  # (B, N_l): eq. (3) before S_eps o sigma
-            pi, rho = _factors_and_retention(logits, self.formulation, alpha, self.beta, self.epsilon)
-            h = act(linear(h * pi))  # (B, N_{l+1}): eq. (2), then W^l
-            factors.append(pi)
-            retention.append(rho.mean())
-        return h, factors, torch.stack(retention)
+            if per_layer:
+                logits = self._pruner_logits(i, e_d, h)  # (B, N_l): eq. (3) before S_eps o sigma
+                pi, rho = _factors_and_retention(logits, self.formulation, alpha, self.beta, self.epsilon)
+                factors.append(pi)
+                retention.append(rho.mean())
+            h = act(linear(h * factors[i]))  # (B, N_{l+1}): eq. (2), then W^l
+        if per_layer:
+            retained = torch.stack(retention)
+        return h, factors, retained
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         """``h (B, E_in)``, ``emb (B, F, D)`` -> ``(B, H_last)``.

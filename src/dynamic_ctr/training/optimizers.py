@@ -374,11 +374,11 @@ class LazyAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse or p.grad.sparse_dim() != 1:
+                    kind = f"sparse_dim {p.grad.sparse_dim()}" if p.grad.is_sparse else "dense"
                     raise RuntimeError(
-                        f"LazyAdam updates rows of row-sparse gradients (sparse_dim 1); the "
-                        f"parameter of shape {tuple(p.shape)} got a "
-                        f"{'dense' if not p.grad.is_sparse else f'sparse_dim {p.grad.sparse_dim()}'} "
-                        "gradient: give it Adam, or read it with sparse=True"
+                        f"LazyAdam updates rows of row-sparse gradients (sparse_dim 1); the parameter "
+                        f"of shape {tuple(p.shape)} got a {kind} gradient: give it Adam, or read it "
+                        "with sparse=True"
                     )
                 state = self.state[p]
                 if not state:
@@ -403,12 +403,12 @@ class LazyAdam(torch.optim.Optimizer):
 def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
     """Raise ``ValueError`` naming every bad hyper-parameter."""
     bad = []
-    if not lr > 0:
-        bad.append(f"lr={lr} must be > 0")
+    if not (math.isfinite(lr) and lr > 0):
+        bad.append(f"lr={lr} must be a positive finite number")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         bad.append(f"betas={betas} must be two values in [0, 1)")
-    if not eps > 0:
-        bad.append(f"eps={eps} must be > 0")
+    if not (math.isfinite(eps) and eps > 0):
+        bad.append(f"eps={eps} must be a positive finite number")
     if bad:
         raise ValueError("; ".join(bad))
 
