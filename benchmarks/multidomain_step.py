@@ -7,7 +7,8 @@ D = 16, E = 128, hidden [128, 64, 32], the domain a field of P + 2 values; AdaSp
   dnn         the DNN backbone (the floor)
   star        STAR: partitioned normalisation, shared o per-domain weights, auxiliary net
   star-bmm    the same in its per-sample form (``matmul_form = "per_sample"``: one bmm over
-              every row's own gathered weights, instead of one GEMM per present domain)
+              every row's own gathered weights, instead of the grouped GEMM over the
+              batch's present domains)
   mmoe        MMoE, 4 experts [128, 64], one gate and one [32] tower per domain
   apg         DNN + APG v4 (K = 4), group-wise on the domain embedding
   adasparse   DNN + AdaSparse (binarization, pruner on [e_d; h^l], eq. 3)
@@ -16,7 +17,7 @@ D = 16, E = 128, hidden [128, 64, 32], the domain a field of P + 2 values; AdaSp
 Each at P = 10, 100 and 1,000 domains, batch 1024, domain ids drawn from a Zipf(1.1) law
 over the P domains (a long tail, as real partitions have). A step = forward + BCE +
 the model's penalty + backward + the training loop's optimiser (``make_optimizer``: Adam,
-foreach; STAR's per-domain rows lazily by SparseAdam). Times are medians over ``--repeats``
+foreach; STAR's per-domain rows lazily by ``LazyAdam``). Times are medians over ``--repeats``
 interleaved rounds (every contender one timed block per round, in a fresh random order),
 ratios paired per round (``benchmarks/_machine.py``).
 

@@ -14,12 +14,14 @@ from modelkit import perturb
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dynamic_ctr.models import star
 from dynamic_ctr.models.star import (
     GROUPED_MAX_DOMAINS,
     FoldedStarNetwork,
     StarLinear,
     StarNetwork,
     group_domains,
+    grouped_kernel_fits,
 )
 
 IN, HIDDEN, P, A = 5, (4, 3), 7, 3
@@ -213,6 +215,57 @@ def test_every_domains_weights_are_registered_and_trained_only_by_its_rows():
             assert touched == (d in present), (name, d)
     for name in ("layers.0.weight", "layers.0.bias", "norm.weight", "norm.bias", "aux.0.weight"):
         assert names[name].grad.abs().sum() > 0, name
+
+
+def test_domain_weight_gradients_list_each_batch_domain_once_in_order():
+    """The FCN's W_p, b_p gradients list each present domain once, ascending (the lazy
+    optimiser reads them without another sort), with the values of a dense gradient."""
+    net = _net().train()
+    h, domain, emb = _inputs([5, 0, 2, 5, 2, 2])
+    net(h, domain, emb).square().sum().backward()
+    sparse = {name: p.grad for name, p in net.named_parameters() if name.startswith("layers.") and "domain" in name}
+    dense = _net().train()
+    for layer in dense.layers:  # the same network with dense W_p, b_p reads
+        layer.composite = lambda ids, layer=layer: (
+            layer.weight * layer.domain_weight[ids].view(-1, layer.out_dim, layer.in_dim),
+            layer.bias + layer.domain_bias[ids],
+        )
+    dense(h, domain, emb).square().sum().backward()
+    for name, p in dense.named_parameters():
+        if name in sparse:
+            assert sparse[name]._indices().tolist() == [[0, 2, 5]], name
+            torch.testing.assert_close(sparse[name].to_dense(), p.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(star._GROUPED_MM is None, reason="torch < 2.9 has no grouped GEMM kernel")
+@pytest.mark.parametrize("widths", [(16, (8, 4)), (5, (3, 2))])  # aligned rows; rows padded to 16 bytes
+def test_grouped_kernel_equals_the_per_domain_loop(widths, monkeypatch):
+    """float32 on the CPU: one grouped-GEMM kernel per layer (forward, and both products of
+    the backward) gives the per-domain loop's logits and gradients."""
+    in_dim, hidden = widths
+    domain = torch.tensor([3, 0, 6, 3, 1, 0, 3, 2, 6, 1, 3, 3, 5])
+    runs = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(star, "_GROUPED_MM", None)
+        torch.manual_seed(0)
+        net = StarNetwork(in_dim, hidden, P, A, aux_hidden=(4,))
+        perturb(net, seed=0)
+        net.matmul_form = "grouped"
+        gen = torch.Generator().manual_seed(1)
+        h = torch.randn(len(domain), in_dim, generator=gen).requires_grad_()
+        emb = torch.randn(len(domain), A, generator=gen)
+        assert grouped_kernel_fits(h, net.layers[0].weight) is kernel
+        logits = net.train()(h, domain, emb)
+        (logits * torch.linspace(-1, 1, len(domain))).sum().backward()
+        grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in net.named_parameters()}
+        runs.append((logits.detach(), h.grad, grads))
+    (logits, h_grad, grads), (loop_logits, loop_h_grad, loop_grads) = runs
+    torch.testing.assert_close(logits, loop_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h_grad, loop_h_grad, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, loop_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not grouped_kernel_fits(h.double(), net.layers[0].weight.double())  # float64: the loop
 
 
 def test_the_logit_is_linear_no_relu_at_the_end():

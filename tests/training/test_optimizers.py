@@ -368,6 +368,35 @@ def test_lazy_adam_equals_sparse_adam():
             torch.testing.assert_close(ours_state["state"][key][name], state[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("flagged", [True, False])
+def test_lazy_adam_reads_distinct_ascending_rows_without_coalescing(flagged, monkeypatch):
+    """STAR's per-domain rows arrive distinct and ascending (autograd drops the coalesced
+    flag): they are read as they are; only other gradients are coalesced. Row counts that
+    grow and shrink between steps reuse the scratch buffer, which is not state."""
+    coalesced = []
+    original = torch.Tensor.coalesce
+    monkeypatch.setattr(torch.Tensor, "coalesce", lambda t: coalesced.append(t._nnz()) or original(t))
+    torch.manual_seed(0)
+    w0 = torch.randn(9, 2, 3, dtype=torch.float64)  # rows of any shape
+    ours, torchs = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opt, reference = LazyAdam([ours], lr=0.1, eps=1e-5), torch.optim.SparseAdam([torchs], lr=0.1, eps=1e-5)
+    steps = ([4], [0, 2, 7, 8], [1, 2], [0, 1, 2, 3, 4, 5], [3, 1, 3])  # the last: unordered, repeated
+    for step, rows in enumerate(steps):
+        ids = torch.tensor(rows)
+        values = torch.randn(len(rows), 2, 3, dtype=torch.float64) * (step + 1)
+        flag = flagged and step < len(steps) - 1 or None  # a flag only where it is true
+        ours.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, w0.shape, is_coalesced=flag, check_invariants=True)
+        torchs.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, w0.shape, check_invariants=True)
+        opt.step()
+        coalesced_by_us = list(coalesced)
+        reference.step()
+        torch.testing.assert_close(ours.detach(), torchs.detach(), rtol=1e-12, atol=1e-12)
+        assert coalesced_by_us == ([3] if step == len(steps) - 1 else []), step
+        coalesced.clear()
+    assert set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(ours.detach()[6], w0[6])  # never listed
+
+
 def test_lazy_adam_leaves_unread_rows_alone():
     torch.manual_seed(0)
     table = nn.Parameter(torch.randn(5, 3))

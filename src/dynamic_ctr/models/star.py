@@ -34,8 +34,10 @@ P: a forward's work and memory grow with the batch, not with ``B * P`` (nor with
 Two exact forms of the per-sample product ``(W_d o W) x + (b_d + b)``, one per forward:
 
 * ``grouped``: the batch is sorted by domain once; each layer composes the K present
-  domains' ``(K, N, M)`` weights and runs one dense GEMM per domain on that domain's
-  rows. Holds ``K * N * M`` weights per layer; K GEMMs (Python-level) per layer.
+  domains' ``(K, N, M)`` weights and multiplies each domain's rows by its own matrix.
+  Holds ``K * N * M`` weights per layer. In float32 on the CPU with torch >= 2.9 that is
+  one grouped-GEMM kernel per layer (``torch.nn.functional.grouped_mm``; two more in the
+  backward, see :class:`_GroupedMatmul`), else one Python-level GEMM per domain.
 * ``per_sample``: composes the K present weights and gathers them per sample into a
   ``(B, N, M)`` tensor for one ``torch.bmm``. One kernel per layer, but ``B * N * M``
   numbers per layer.
@@ -44,9 +46,10 @@ Two exact forms of the per-sample product ``(W_d o W) x + (b_d + b)``, one per f
 accelerator when ``K <=`` :data:`GROUPED_MAX_DOMAINS` (coarse partitions and small
 batches), ``per_sample`` otherwise (fine partitions, where K GEMM launches per layer
 would dominate; that threshold is a guess, not measured). On one CPU thread (E_in = 160,
-hidden (128, 64, 32), B = 512, eval) ``grouped`` took 1.3 / 2.1 / 19 ms at K = 4 / 16 /
-300 against 33 / 22 / 31 ms for ``per_sample``. Both forms give the same values up to
-float rounding.
+hidden (128, 64, 32), B = 512, eval) the per-domain loop took 1.3 / 2.1 / 19 ms at
+K = 4 / 16 / 300 against 33 / 22 / 31 ms for ``per_sample``; the grouped kernel cut a
+training step at K = 292 further (docs/benchmarks.md §6). All forms give the same values
+up to float rounding.
 
 Choices where the paper is silent or ambiguous:
 
@@ -97,6 +100,7 @@ __all__ = [
     "StarNetwork",
     "domain_linear",
     "group_domains",
+    "grouped_kernel_fits",
 ]
 
 #: Off the CPU, ``matmul_form = "auto"`` groups the batch by domain when it holds at most
@@ -117,6 +121,8 @@ class DomainGroups(NamedTuple):
         order: ``(B,)`` a stable sort of the rows by domain (row ``order[j]`` is j-th).
         rank: ``(B,)`` the inverse permutation: ``sorted[rank]`` restores batch order.
         sizes: the counts as Python ints (the split sizes of the sorted batch).
+        sorted_inverse: ``(B,)`` ``inverse[order]``, each sorted row's present domain.
+        offsets: ``(K,)`` int32, the end of each domain's block of sorted rows.
     """
 
     ids: Tensor
@@ -125,6 +131,8 @@ class DomainGroups(NamedTuple):
     order: Tensor
     rank: Tensor
     sizes: list[int]
+    sorted_inverse: Tensor
+    offsets: Tensor
 
 
 def group_domains(domain: Tensor) -> DomainGroups:
@@ -132,7 +140,60 @@ def group_domains(domain: Tensor) -> DomainGroups:
     ids, inverse, counts = torch.unique(domain, sorted=True, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)  # (B,)
     rank = torch.argsort(order)  # (B,)
-    return DomainGroups(ids, inverse, counts, order, rank, counts.tolist())
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # (K,)
+    return DomainGroups(ids, inverse, counts, order, rank, counts.tolist(), inverse[order], offsets)
+
+
+#: torch's grouped GEMM (``torch.nn.functional.grouped_mm``, torch >= 2.9); None before.
+_GROUPED_MM = getattr(nn.functional, "grouped_mm", None)
+
+
+def grouped_kernel_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`domain_linear`'s ``grouped`` form runs as one grouped-GEMM kernel
+    (torch >= 2.9, float32 on the CPU; accelerators take it in bfloat16 only, so they
+    keep the per-domain loop), rather than one Python-level GEMM per present domain."""
+    return (
+        _GROUPED_MM is not None
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+    )
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` itself if the grouped GEMM kernel takes its layout (every stride but the
+    unit one a multiple of 16 bytes), else a copy whose rows are padded to 16 bytes
+    (the padding is never read: a view of the original shape)."""
+    quantum = 16 // t.element_size()
+    strides = list(t.stride())
+    inner = t.ndim - 1 if strides[-1] == 1 else t.ndim - 2  # the unit-stride dimension
+    outer = strides[:inner] + strides[inner + 1 :]
+    if strides[inner] == 1 and all(s % quantum == 0 for s in outer) and t.data_ptr() % 16 == 0:
+        return t
+    padded = t.new_zeros(*t.shape[:-1], -(-t.shape[-1] // quantum) * quantum)[..., : t.shape[-1]]
+    return padded.copy_(t)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """``x (B, M)`` sorted by domain, ``weight (K, N, M)`` -> ``(B, N)``: block k of rows
+    (ending at ``offsets[k]``) times ``weight[k]^T``. One grouped-GEMM kernel forward and
+    two backward (the kernel has no autograd on the CPU), each as exact as the
+    per-domain loop (tested bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, offsets)
+        return _GROUPED_MM(_aligned(x), _aligned(weight).transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, offsets = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GROUPED_MM(_aligned(grad), _aligned(weight), offs=offsets)  # (B, M)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _GROUPED_MM(_aligned(grad.t()), _aligned(x), offs=offsets)  # (K, N, M)
+        return grad_x, grad_weight, None
 
 
 def domain_linear(x: Tensor, weight: Tensor, bias: Tensor, groups: DomainGroups, grouped: bool) -> Tensor:
@@ -144,16 +205,19 @@ def domain_linear(x: Tensor, weight: Tensor, bias: Tensor, groups: DomainGroups,
         weight: ``(K, N, M)``, one matrix per present domain (``groups.ids`` order).
         bias: ``(K, N)``.
         groups: the batch's domains.
-        grouped: one GEMM per present domain on its (contiguous, sorted) rows, or one
-            ``bmm`` over per-sample gathered ``(B, N, M)`` weights.
+        grouped: each present domain's (contiguous, sorted) rows by its own matrix (one
+            grouped-GEMM kernel where :func:`grouped_kernel_fits`, else one GEMM per
+            domain), or one ``bmm`` over per-sample gathered ``(B, N, M)`` weights.
 
     Returns:
         ``(B, N)``, in the row order of ``x``.
     """
     if grouped:
-        pieces = x.split(groups.sizes)  # K blocks of (n_k, M)
-        if not pieces:  # empty batch
+        if not groups.sizes:  # empty batch
             return x.new_zeros(0, weight.shape[1])
+        if grouped_kernel_fits(x, weight):
+            return _GroupedMatmul.apply(x, weight, groups.offsets) + bias.index_select(0, groups.sorted_inverse)
+        pieces = x.split(groups.sizes)  # K blocks of (n_k, M)
         # unbind, not weight[k]: each indexing's backward would zero-fill a whole (K, N, M)
         # gradient, K^2 N M per layer; unbind's backward stacks the K pieces once.
         weights, biases = weight.unbind(0), bias.unbind(0)
@@ -277,7 +341,9 @@ class StarLinear(nn.Module):
         _linear_init_(self.weight, self.bias, in_dim)
 
     def composite(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``ids (K,)`` -> ``W_d o W (K, N, M)`` and ``b_d + b (K, N)`` for those domains."""
+        """``ids (K,)`` -> ``W_d o W (K, N, M)`` and ``b_d + b (K, N)`` for those domains.
+        With distinct ascending ids (``DomainGroups.ids``) the sparse gradients list each
+        row once, in order, which the lazy optimiser reads without sorting them again."""
         weight = nn.functional.embedding(ids, self.domain_weight, sparse=True).view(-1, self.out_dim, self.in_dim)
         bias = nn.functional.embedding(ids, self.domain_bias, sparse=True)  # (K, N)
         return self.weight * weight, self.bias + bias

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as functional_adam
 
 __all__ = ["FTRL", "OPTIMIZERS", "CombinedOptimizer", "GroupFTRL", "LazyAdam"]
 
@@ -338,10 +339,14 @@ class LazyAdam(torch.optim.Optimizer):
 
     the same values as SparseAdam up to float rounding (tested), and the same state
     (``step``, ``exp_avg``, ``exp_avg_sq``). SparseAdam builds sparse tensors for every
-    intermediate and adds them into the dense state; here the rows are gathered once
-    (``index_select``), updated in place and written back (``index_copy_``), a dozen
-    passes over the listed rows. ``benchmarks/multidomain_step.py`` times both on STAR's
-    per-domain rows (docs/benchmarks.md §6), where the optimiser is a large part of a step.
+    intermediate and adds them into the dense state; here the listed rows of the weights
+    and both moments are gathered into a buffer this optimiser keeps (reused from step
+    to step: a fresh multi-megabyte tensor each step costs page faults), updated by
+    torch's fused Adam kernel (one pass; SparseAdam's rule is Adam's with
+    ``eps / sqrt(1 - beta2^t)``) and written back, seven passes over the listed rows.
+    The buffer is scratch, not state: ``state_dict`` does not hold it.
+    ``benchmarks/multidomain_step.py`` times both on STAR's per-domain rows
+    (docs/benchmarks.md §6), where the optimiser is a large part of a step.
 
     Args:
         params: parameters (or groups) whose gradients are sparse with one sparse
@@ -358,6 +363,7 @@ class LazyAdam(torch.optim.Optimizer):
     ) -> None:
         _check_adam(lr, betas, eps)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        self._scratch: dict[Tensor, Tensor] = {}  # parameter -> (3, rows, *row shape)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, checking the group's values."""
@@ -386,18 +392,46 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                grad = p.grad.coalesce()
-                if grad._nnz() == 0:
+                rows, g = _row_gradient(p.grad)
+                if len(rows) == 0:
                     continue
-                rows, g = grad.indices()[0], grad.values()
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
+                tables = (p, state["exp_avg"], state["exp_avg_sq"])
+                weights, m, v = self._gather(p, rows, tables)
                 t = state["step"]
-                step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
+                functional_adam(  # steps t - 1 -> t inside
+                    [weights], [g], [m], [v], [], [torch.tensor(float(t - 1))], fused=True,
+                    amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
+                    eps=eps / math.sqrt(1 - beta2**t), maximize=False,
+                )  # fmt: skip
+                for table, updated in zip(tables, (weights, m, v), strict=True):
+                    table.index_copy_(0, rows, updated)
         return loss
+
+    def _gather(self, p: Tensor, rows: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+        """``(3, len(rows), *row)``: the rows of the weights and of both moments, in this
+        parameter's scratch buffer (grown when a step lists more rows than ever before)."""
+        scratch = self._scratch.get(p)
+        if scratch is None or scratch.shape[1] < len(rows):
+            scratch = self._scratch[p] = p.new_empty(3, len(rows), *p.shape[1:])
+        out = scratch[:, : len(rows)]
+        for table, buffer in zip(tables, out, strict=True):
+            torch.index_select(table, 0, rows, out=buffer)
+        return out
+
+
+def _row_gradient(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A row-sparse gradient's ``rows (R,)`` and ``values (R, *row)``, each row once.
+
+    A gradient whose rows are already distinct and ascending (STAR's, read by the
+    batch's sorted domain ids) is taken as it is: autograd drops the coalesced flag,
+    and coalescing would sort and copy every listed row again."""
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    return grad._indices()[0], grad._values().contiguous()
 
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
