@@ -305,6 +305,12 @@ class AdaSparseTower(nn.Module):
         # (_distinct_domains); not state: the same for every tower of this width
         probe = torch.randn(self.domain_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.register_buffer("_probe", probe, persistent=False)
+        # (sum N_l, L), 1 / N_l on layer l's block of columns: one matmul turns the stacked
+        # retentions (U, sum N_l) into per-layer means (U, L)
+        widths = torch.tensor(dims[:-1])
+        layer_of = torch.repeat_interleave(torch.arange(len(widths)), widths)
+        layer_means = nn.functional.one_hot(layer_of, len(widths)).double() / widths.double()
+        self.register_buffer("_layer_means", layer_means.to(torch.get_default_dtype()), persistent=False)
 
     # ------------------------------------------------------------------ schedules
 
@@ -376,13 +382,14 @@ class AdaSparseTower(nn.Module):
             rows, inverse, counts = self._distinct_domains(e_d)
         pi, rho = _factors_and_retention(torch.addmm(bias, rows, weight.t()), self.formulation,
                                          alpha, self.beta, self.epsilon)  # (U or B, sum N_l)
+        per_layer = rho @ self._layer_means.to(rho.dtype)  # (U or B, L): each row's mean per layer
         if counts is None:
-            column_means = rho.mean(0)  # (sum N_l,)
+            retained = per_layer.mean(0)  # (L,)
         else:  # each domain weighted by its share of the batch's rows
-            column_means = (counts.to(rho.dtype) / len(e_d)) @ rho
-        retained = torch.stack([m.mean() for m in column_means.split(widths)])  # (L,)
-        factors = pi.split(widths, dim=1)
-        return [f if inverse is None else f.index_select(0, inverse) for f in factors], retained
+            retained = (counts.to(rho.dtype) / len(e_d)) @ per_layer
+        if inverse is not None:  # one gather for all layers (one scatter in the backward)
+            pi = pi.index_select(0, inverse)  # (B, sum N_l)
+        return list(pi.split(widths, dim=1)), retained
 
     def _run(self, h: Tensor, emb: Tensor, alpha: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """The tower: output ``(B, H_last)``, ``pi^l (B, N_l)`` per layer, and the batch
