@@ -52,6 +52,17 @@ def _set_pruner_logits(tower: AdaSparseTower, logits: list[torch.Tensor]) -> Non
 # ------------------------------------------------------------------ formulations
 
 
+@pytest.mark.parametrize("pruner_input", ["domain_and_hidden", "domain"])
+def test_builds_on_the_meta_device_with_the_same_parameters(pruner_input):
+    """The report counts parameters on models built on the meta device (no memory)."""
+    with torch.device("meta"):
+        meta = _tower(pruner_input=pruner_input)
+    real = _tower(pruner_input=pruner_input)
+    assert all(p.is_meta for p in meta.parameters())
+    assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]
+    assert meta.state_dict().keys() == real.state_dict().keys()
+
+
 def test_factors_on_hand_made_logits():
     v = torch.tensor([-200.0, -4.0, -1.0, -0.2, 0.0, 0.3, 2.0])
     s1, s5 = torch.sigmoid(v), torch.sigmoid(5 * v)

@@ -307,10 +307,10 @@ class AdaSparseTower(nn.Module):
         self.register_buffer("_probe", probe, persistent=False)
         # (sum N_l, L), 1 / N_l on layer l's block of columns: one matmul turns the stacked
         # retentions (U, sum N_l) into per-layer means (U, L)
-        widths = torch.tensor(dims[:-1])
-        layer_of = torch.repeat_interleave(torch.arange(len(widths)), widths)
-        layer_means = nn.functional.one_hot(layer_of, len(widths)).double() / widths.double()
-        self.register_buffer("_layer_means", layer_means.to(torch.get_default_dtype()), persistent=False)
+        # (from Python numbers: models are also built on the meta device, to count them)
+        layer_means = [[1.0 / n if j == l else 0.0 for j in range(len(dims) - 1)]
+                       for l, n in enumerate(dims[:-1]) for _ in range(n)]
+        self.register_buffer("_layer_means", torch.tensor(layer_means), persistent=False)
 
     # ------------------------------------------------------------------ schedules
 

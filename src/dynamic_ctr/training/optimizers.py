@@ -399,7 +399,7 @@ class LazyAdam(torch.optim.Optimizer):
                 weights, m, v = self._gather(p, rows, tables)
                 t = state["step"]
                 functional_adam(  # steps t - 1 -> t inside
-                    [weights], [g], [m], [v], [], [torch.tensor(float(t - 1))], fused=True,
+                    [weights], [g], [m], [v], [], [torch.tensor(float(t - 1), device=p.device)], fused=True,
                     amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
                     eps=eps / math.sqrt(1 - beta2**t), maximize=False,
                 )  # fmt: skip
