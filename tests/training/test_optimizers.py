@@ -397,6 +397,29 @@ def test_lazy_adam_reads_distinct_ascending_rows_without_coalescing(flagged, mon
     assert torch.equal(ours.detach()[6], w0[6])  # never listed
 
 
+@pytest.mark.parametrize("opt_cls", [FTRL, GroupFTRL])
+def test_ftrl_reads_distinct_ascending_rows_without_coalescing(opt_cls, monkeypatch):
+    """The FTRL optimisers share LazyAdam's reading of sparse gradients: rows already
+    distinct and ascending are not sorted again, and the update equals the dense one."""
+    coalesced = []
+    original = torch.Tensor.coalesce
+    monkeypatch.setattr(torch.Tensor, "coalesce", lambda t: coalesced.append(t._nnz()) or original(t))
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 3, dtype=torch.float64)
+    sparse, dense = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opt_s, opt_d = opt_cls([sparse], **HP), opt_cls([dense], **HP)
+    for rows in ([1, 4], [0, 1, 5], [2, 4, 2]):  # the last: unordered, repeated
+        ids = torch.tensor(rows)
+        values = torch.randn(len(rows), 3, dtype=torch.float64)
+        sparse.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, w0.shape, check_invariants=True)
+        dense.grad = sparse.grad.to_dense()
+        coalesced.clear()
+        opt_s.step()
+        assert coalesced == ([3] if rows == [2, 4, 2] else []), rows
+        opt_d.step()
+        torch.testing.assert_close(sparse.detach(), dense.detach(), rtol=0, atol=1e-12)
+
+
 def test_lazy_adam_leaves_unread_rows_alone():
     torch.manual_seed(0)
     table = nn.Parameter(torch.randn(5, 3))

@@ -45,7 +45,7 @@ Conventions shared by both classes:
   nothing; with a random ``w0`` it makes dense gradients that are zero in some rows
   behave exactly like sparse gradients that omit those rows (FTRL's lazy updates).
 * **Sparse gradients** (``nn.Embedding(..., sparse=True)``; any ``torch.sparse_coo``
-  gradient) are coalesced and only the coordinates (rows, for :class:`GroupFTRL`)
+  gradient) are coalesced (:func:`_coalesced`) and only the coordinates (rows, for :class:`GroupFTRL`)
   they list are updated; everything else, ``w``, ``z`` and ``n``, is left as is.
   **Dense gradients** update every coordinate; where ``g = 0`` this leaves ``z`` and
   ``n`` unchanged (``sigma = 0``) and recomputes ``w`` from them, which returns the
@@ -175,7 +175,7 @@ class _FTRLBase(torch.optim.Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support complex parameters")
                 z, n = self._state(p)
                 if p.grad.is_sparse:
-                    self._sparse_update(p, z, n, p.grad.coalesce(), *hp)
+                    self._sparse_update(p, z, n, _coalesced(p.grad), *hp)
                 else:
                     self._dense_update(p, z, n, p.grad, *hp)
         return loss
@@ -328,7 +328,7 @@ class LazyAdam(torch.optim.Optimizer):
     """``torch.optim.SparseAdam``'s update rule, computed on the gradient's rows only.
 
     For parameters whose gradients are row-sparse COO tensors (``nn.Embedding(...,
-    sparse=True)``, STAR's per-domain weights): each step coalesces the gradient and
+    sparse=True)``, STAR's per-domain weights): each step coalesces the gradient (:func:`_coalesced`) and
     updates the moments and the weights of the rows it lists; every other row keeps
     its weights and moments (lazy Adam). Per listed row ``r``, with ``t`` the number of
     steps this parameter has taken (SparseAdam's ``state["step"]``)::
@@ -392,7 +392,8 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                rows, g = _row_gradient(p.grad)
+                grad = _coalesced(p.grad)
+                rows, g = grad.indices()[0], grad.values().contiguous()
                 if len(rows) == 0:
                     continue
                 tables = (p, state["exp_avg"], state["exp_avg_sq"])
@@ -419,19 +420,23 @@ class LazyAdam(torch.optim.Optimizer):
         return out
 
 
-def _row_gradient(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """A row-sparse gradient's ``rows (R,)`` and ``values (R, *row)``, each row once.
+def _coalesced(grad: Tensor) -> Tensor:
+    """A sparse COO gradient with each coordinate listed once, in order (what the lazy
+    optimisers read).
 
-    A gradient whose rows are already distinct and ascending (STAR's, read by the
-    batch's sorted domain ids) is taken as it is: autograd drops the coalesced flag,
-    and coalescing would sort and copy every listed row again."""
-    if not grad.is_coalesced():
-        rows = grad._indices()[0]
-        if not bool((rows[1:] > rows[:-1]).all()):
-            grad = grad.coalesce()
+    A row-sparse gradient whose rows are already distinct and ascending (STAR's, read
+    by the batch's sorted domain ids) is only marked coalesced, sharing its indices and
+    values: autograd drops the flag, and ``coalesce()`` would sort and copy every listed
+    row again. Any other gradient is coalesced."""
     if grad.is_coalesced():
-        return grad.indices()[0], grad.values()
-    return grad._indices()[0], grad._values().contiguous()
+        return grad
+    if grad.sparse_dim() == 1:
+        rows = grad._indices()[0]
+        if bool((rows[1:] > rows[:-1]).all()):
+            return torch.sparse_coo_tensor(
+                grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+            )  # distinct and ascending: the invariant holds
+    return grad.coalesce()
 
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
