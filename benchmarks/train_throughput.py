@@ -63,6 +63,11 @@ thread asking PyPI for a newer version; the script waits for it before timing.
 ``--profile ours_wdl,ours_apg,ceiling`` prints torch.profiler's top operators of 30
 training steps of each instead of the rounds.
 
+``--device cuda`` measures on a GPU instead, with the data resident on the device and
+the levers (fused/foreach Adam, CUDA graphs of the whole step, torch.compile) each on and
+off, at batch 1024 and 8192 in float32 and bf16: see ``benchmarks/_step_throughput.py``.
+``--device cpu --harness`` runs that harness's eager cells on the CPU (a smoke test).
+
 Usage::
 
     python benchmarks/train_throughput.py                 # 2 threads, 9 rounds x 2 epochs
@@ -70,6 +75,7 @@ Usage::
     python benchmarks/train_throughput.py --profile ours_wdl,ceiling
     python benchmarks/train_throughput.py --contenders interaction --rounds 5
     python benchmarks/train_throughput.py --profile ours_pnn,ours_fibinet
+    python benchmarks/train_throughput.py --device cuda --out results/   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -268,7 +274,7 @@ def deepctr_inputs(spec: FeatureSpec, cols: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def deepctr_model(spec: FeatureSpec, seed: int, kind: str = "wdl"):
+def deepctr_model(spec: FeatureSpec, seed: int, kind: str = "wdl", device: str = "cpu"):
     from deepctr_torch import models
     from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
 
@@ -277,7 +283,7 @@ def deepctr_model(spec: FeatureSpec, seed: int, kind: str = "wdl"):
         VarLenSparseFeat(SparseFeat(f.name, vocabulary_size=f.vocab_size, embedding_dim=EMB), maxlen=f.max_len, combiner="mean")
         for f in spec.sequences
     ]
-    common = {"l2_reg_embedding": 0.0, "seed": seed, "task": "binary", "device": "cpu"}
+    common = {"l2_reg_embedding": 0.0, "seed": seed, "task": "binary", "device": device}
     if kind == "wdl":
         model = models.WDL(columns, columns, dnn_hidden_units=HIDDEN, l2_reg_linear=0.0, l2_reg_dnn=0.0, **common)
     elif kind == "pnn":
@@ -424,11 +430,35 @@ def main() -> None:
     parser.add_argument("--profile", default="",
                         help="comma-separated contenders (ours_wdl, ours_apg, ceiling, ours_<interaction model>) "
                              "to profile instead of the rounds")
+    gpu = parser.add_argument_group("--device cuda (benchmarks/_step_throughput.py)")
+    gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    gpu.add_argument("--harness", action="store_true", help="with --device cpu: the device harness's eager cells")
+    gpu.add_argument("--batches", default="1024,8192")
+    gpu.add_argument("--compile", default="wdl_apg,bare", help="contenders also measured under torch.compile")
+    gpu.add_argument("--budget-s", type=float, default=300.0, help="stop starting cells after this many seconds")
+    gpu.add_argument("--blocks", type=int, default=5)
+    gpu.add_argument("--block-ms", type=float, default=30.0)
+    gpu.add_argument("--no-train-loop", dest="train_loop", action="store_false",
+                     help="skip timing train() itself with cuda_graphs off and on")
+    gpu.add_argument("--no-profile-steps", dest="profile_steps", action="store_false",
+                     help="skip the torch.profiler summary of the WDL+APG step")
+    gpu.add_argument("--out", type=Path, default=None, help="folder for throughput.jsonl, train_loop.json, profile.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
 
     spec, train_cols, valid_cols, source = load_data()
+    if args.device == "cuda" or args.harness:
+        import _step_throughput
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+        if args.contenders == ",".join(CONTENDERS):
+            args.contenders = "default"
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+        _step_throughput.run(args, spec, train_cols, valid_cols, source, args.out)
+        return
     tr = tensors_from_columns(train_cols, spec, "cpu", group_columns=[])
     va = tensors_from_columns(valid_cols, spec, "cpu", group_columns=[])
     if args.profile:

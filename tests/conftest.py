@@ -16,6 +16,29 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a GPU and are skipped elsewhere (CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def real_splits(small_train_encoded):
+    """``(spec, train, valid)`` TensorData on the CPU: the shipped MovieLens training split,
+    its last 10,000 rows (latest in time) held out for validation."""
+    from dynamic_ctr.training import tensors_from_columns
+
+    spec, frame = small_train_encoded
+    cols = [*spec.index_columns, spec.label]
+    fit, held = frame.iloc[:-10_000], frame.iloc[-10_000:]
+    to_tensors = lambda f: tensors_from_columns({c: f[c].to_numpy() for c in cols}, spec, "cpu")  # noqa: E731
+    return spec, to_tensors(fit), to_tensors(held)
+
+
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     """The repository root (holds ``conf/``, ``data/``, ``src/``)."""

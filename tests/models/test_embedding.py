@@ -141,3 +141,48 @@ def test_a_partial_warm_start_takes_the_tensors_another_model_shares() -> None:
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
     with pytest.raises(ValueError, match="only vocabularies may differ"):
         carry_over_embeddings(champion, build_model({**challenger.config, "seed": 3}, spec))
+
+
+def _bag_inputs(spec: FeatureSpec, emb: FieldEmbedding, batch_size: int = 256):
+    """A batch whose sequence slots are mostly pad (one hot row) and whose genres repeat."""
+    from modelkit import random_batch
+
+    x = random_batch(spec, batch_size, seed=3)
+    x[:, -3:] = 0  # pad: the last 3 of genres' 4 slots in every row
+    b = x.shape[0]
+    _, weights = emb._slot_weights(x)
+    starts = (torch.arange(b).unsqueeze(1) * emb.num_slots + emb.field_start).reshape(-1)
+    bags = (torch.arange(b).unsqueeze(1) * emb.num_fields + emb.slot_field).reshape(-1)
+    return (x + emb.offsets).reshape(-1), starts, weights.reshape(-1), bags
+
+
+def test_scatter_bag_equals_embedding_bag_and_its_weight_gradient(spec):
+    from dynamic_ctr.models.embedding import _ScatterBag
+
+    emb = _unit_embedding(spec)
+    rows, starts, weights, bags = _bag_inputs(spec, emb)
+    assert (weights == 0).sum() > rows.numel() // 3  # many zero-weight pad slots, all on few rows
+    grad_out = torch.randn(starts.numel(), emb.dim, generator=torch.Generator().manual_seed(0))
+    table = emb.table.weight
+    expected = torch.nn.functional.embedding_bag(rows, table, starts, mode="sum", per_sample_weights=weights)
+    (expected_grad,) = torch.autograd.grad(expected, table, grad_out)
+    got = _ScatterBag.apply(table, rows, starts, weights, bags)
+    (got_grad,) = torch.autograd.grad(got, table, grad_out)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)  # the same sums, reordered
+    pad_rows = emb.offsets[emb.is_sequence_slot].unique()
+    assert torch.all(got_grad[pad_rows] == 0)  # the pad rows learn nothing
+
+
+@pytest.mark.cuda
+def test_field_embedding_on_cuda_has_the_cpu_gradient(spec):
+    emb = _unit_embedding(spec)
+    rows, *_ = _bag_inputs(spec, emb)
+    x = rows.view(-1, emb.num_slots) - emb.offsets
+    grad_out = torch.randn(x.shape[0], emb.num_fields, emb.dim, generator=torch.Generator().manual_seed(1))
+    (cpu_grad,) = torch.autograd.grad(emb(x), emb.table.weight, grad_out)
+    emb_cuda = emb.to("cuda")
+    out = emb_cuda(x.cuda())
+    assert out.grad_fn.name().startswith("_ScatterBag")
+    (cuda_grad,) = torch.autograd.grad(out, emb_cuda.table.weight, grad_out.cuda())
+    torch.testing.assert_close(cuda_grad.cpu(), cpu_grad, rtol=1e-5, atol=1e-6)

@@ -101,3 +101,17 @@ def test_fold_without_config_still_folds(spec, big_batch):
     folded = fold_model(model)
     assert not hasattr(folded, "config")
     assert all(isinstance(m, APGLinear) and len(m.V_factors) == 1 for m in folded.dense.layers)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("apg", FOLDABLE.values(), ids=FOLDABLE.keys())
+def test_folding_on_the_gpu_matches_folding_on_the_cpu(spec, big_batch, apg):
+    model = _trained_like(small_config(family="deepfm", dropout=0.3, batch_norm=True, apg=apg), spec, big_batch)
+    on_cpu = fold_model(model)
+    on_gpu = fold_model(model.to("cuda"))
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    folded_cpu, folded_gpu = on_cpu.state_dict(), on_gpu.state_dict()
+    assert folded_cpu.keys() == folded_gpu.keys()
+    for name, value in folded_cpu.items():
+        torch.testing.assert_close(folded_gpu[name].cpu(), value, rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(on_gpu(big_batch.to("cuda")).cpu(), on_cpu(big_batch), rtol=0, atol=1e-5)

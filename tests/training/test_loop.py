@@ -256,3 +256,98 @@ def test_clip_grad_norm_scales_dense_and_sparse_gradients_like_torch():
     clipped = torch.sqrt(table.grad.to_dense().square().sum() + weight.grad.square().sum())
     assert torch.isclose(clipped, torch.tensor(0.5), atol=1e-5)
     torch.testing.assert_close(weight.grad, dense[1] * 0.5 / total, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def test_cuda_graphs_on_are_refused_before_training_where_they_cannot_run(splits, builder, spec):
+    tr, va, _ = splits
+    with pytest.raises(ValueError, match="cuda_graphs='on': CUDA graphs need a CUDA device, not cpu"):
+        train(builder({"dim": 4}, spec), tr, va, dataclasses.replace(FAST, cuda_graphs="on"))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        TrainConfig(cuda_graphs="yes")
+    result = train(builder({"dim": 4}, spec), tr, va, dataclasses.replace(FAST, cuda_graphs="auto", max_epochs=1))
+    assert result.cuda_graph is False  # auto on the CPU: eager steps
+
+
+def test_graph_refusal_names_what_cannot_be_captured(builder, spec):
+    from dynamic_ctr.training.graphs import graph_refusal
+    from dynamic_ctr.training.optimizers import CombinedOptimizer
+
+    cuda = torch.device("cuda")
+    model = builder({"dim": 4}, spec)
+    plain = torch.optim.Adam(model.parameters(), lr=0.01)
+    capturable = torch.optim.Adam(model.parameters(), lr=0.01, capturable=True)
+    kw = {"fp16_scaling": False, "ddp": False, "custom_loss": False}
+    assert graph_refusal(cuda, capturable, **kw) is None
+    assert "capturable=True" in graph_refusal(cuda, plain, **kw)
+    assert "CombinedOptimizer" in graph_refusal(cuda, CombinedOptimizer({"a": capturable}), **kw)
+    assert "float16" in graph_refusal(cuda, capturable, **{**kw, "fp16_scaling": True})
+    assert "data-parallel" in graph_refusal(cuda, capturable, **{**kw, "ddp": True})
+    assert "meta_loss" in graph_refusal(cuda, capturable, **{**kw, "custom_loss": True})
+
+
+GPU_MODELS = {
+    "wdl_apg": {"family": "wdl", "embedding_dim": 16, "hidden_units": [64, 32], "dropout": 0.1,
+                "apg": {"version": "v4", "rank": 4, "condition": {"mode": "self"}}},
+    "dcnv2_apg_bn": {"family": "dcnv2", "embedding_dim": 16, "hidden_units": [64, 32], "batch_norm": True,
+                     "apg": {"version": "v4", "rank": 4, "condition": {"mode": "self"}}},
+    "dynint_dgp": {"family": "xdeepint", "embedding_dim": 16,
+                   "dynint": {"mode": "dgp", "layers": 2, "subspaces": 4, "rank": 8, "orthogonal_rate": 1e-3}},
+}
+
+
+def _gpu_run(real_splits, config, **overrides):
+    from dynamic_ctr.models import build_model
+
+    spec, tr, va = real_splits
+    cfg = TrainConfig(**{"lr": 0.005, "batch_size": 1024, "max_epochs": 2, "patience": 2, "progress": False,
+                         "seed": 11, **overrides})
+    return train(build_model({**config, "seed": 5}, spec), tr.to("cuda"), va.to("cuda"), cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", GPU_MODELS)
+def test_cuda_graph_steps_train_like_eager_steps(real_splits, name):
+    eager = _gpu_run(real_splits, GPU_MODELS[name], cuda_graphs="off", grad_clip=100.0)
+    graphed = _gpu_run(real_splits, GPU_MODELS[name], cuda_graphs="on", grad_clip=100.0)  # clipping captured too
+    assert eager.cuda_graph is False and graphed.cuda_graph is True
+    # the same kernels in the same order; embedding backward's atomic adds differ in order
+    for e, g in zip(eager.history, graphed.history, strict=True):
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=2e-3)
+        assert g["val_auc"] == pytest.approx(e["val_auc"], abs=2e-3)
+
+
+@pytest.mark.cuda
+def test_bf16_autocast_on_cuda_keeps_the_validation_auc_within_0_001_of_float32(real_splits):
+    fp32 = _gpu_run(real_splits, GPU_MODELS["wdl_apg"])
+    bf16 = _gpu_run(real_splits, GPU_MODELS["wdl_apg"], amp=True, amp_dtype="bfloat16")
+    assert abs(bf16.best_val_auc - fp32.best_val_auc) <= 0.001, (bf16.best_val_auc, fp32.best_val_auc)
+
+
+class _HostSync(nn.Module):
+    """Reads a value back to the host in every forward, which a CUDA graph cannot capture."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        self.last_max = int(x.max())  # a host sync
+        return self.inner(x)
+
+
+@pytest.mark.cuda
+def test_a_failed_capture_trains_on_eagerly_and_loses_no_batch(splits, builder, spec):
+    tr, va = splits[0].to("cuda"), splits[1].to("cuda")
+    runs = []
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model = _HostSync(builder({"dim": 4}, spec))
+        runs.append(train(model, tr, va, dataclasses.replace(FAST, max_epochs=2, cuda_graphs=mode)))
+    eager, fallback = runs
+    assert fallback.cuda_graph is False
+    for e, f in zip(eager.history, fallback.history, strict=True):
+        assert f["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+        assert f["val_auc"] == pytest.approx(e["val_auc"], abs=1e-4)

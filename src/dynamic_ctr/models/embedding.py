@@ -136,11 +136,13 @@ class FieldEmbedding(nn.Module):
         b = x.shape[0]
         _, weights = self._slot_weights(x)  # (B, S)
         starts = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_slots + self.field_start).reshape(-1)
-        pooled = nn.functional.embedding_bag(
-            (x + self.offsets).reshape(-1), self.table.weight, starts, mode="sum",
-            per_sample_weights=weights.reshape(-1),
-        )  # (B*F, D)
-        return pooled.view(b, self.num_fields, self.dim)  # (B, F, D)
+        rows, weights = (x + self.offsets).reshape(-1), weights.reshape(-1)  # (B*S,)
+        if self.table.weight.is_cuda and torch.is_grad_enabled() and self.table.weight.requires_grad:
+            bags = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_fields + self.slot_field).reshape(-1)
+            pooled = _ScatterBag.apply(self.table.weight, rows, starts, weights, bags)
+        else:
+            pooled = nn.functional.embedding_bag(rows, self.table.weight, starts, mode="sum", per_sample_weights=weights)
+        return pooled.view(b, self.num_fields, self.dim)  # (B*F, D) -> (B, F, D)
 
     def with_feature_sums(
         self, x: Tensor, norm_columns: int | None = None
@@ -174,6 +176,42 @@ class FieldEmbedding(nn.Module):
             both = torch.bmm(slot_weights, rows)  # (B, F + 1, D)
             sq_norms = torch.einsum("bs,bsd->b", active, rows[..., :norm_columns].square())  # (B,)
         return both[:, :-1], both[:, -1], sq_norms
+
+
+class _ScatterBag(torch.autograd.Function):
+    """``embedding_bag(rows, weight, starts, mode="sum", per_sample_weights=w)`` whose weight
+    gradient is one ``index_add_`` (used on CUDA).
+
+    Why: PyTorch's CUDA backward of ``embedding_bag`` sorts the rows, then one thread per
+    column sums each distinct row's partial sums in a serial loop. A sequence field's pad
+    row sits in most of its slots (MovieLens tags: about 10 of every row's 16 sequence
+    slots), so at batch 8192 that loop runs thousands long: 0.37 ms of a 1.1 ms WDL+APG
+    step on an H200, more than the sort itself (``benchmarks/train_throughput.py --device
+    cuda``, docs/benchmarks.md). Here each slot's contribution ``w * grad[bag]`` is added
+    to its row with atomics, and the slots of weight 0 (pad slots, which contribute
+    nothing) go to scratch rows instead of piling onto one. The same sums, in another
+    order: equal up to float rounding (and, atomics being unordered, not bit-reproducible
+    between runs on CUDA, see :func:`~dynamic_ctr.training.device.seed_everything`).
+
+    ``bags`` gives each slot's bag (``(B*S,)``); ``w`` must not need a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor, starts: Tensor, w: Tensor, bags: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, w, bags)
+        ctx.num_rows = weight.shape[0]
+        return nn.functional.embedding_bag(rows, weight, starts, mode="sum", per_sample_weights=w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # grad (B*F, D)
+        rows, w, bags = ctx.saved_tensors
+        contributions = grad.index_select(0, bags) * w.unsqueeze(1).to(grad.dtype)  # (B*S, D)
+        scratch = min(rows.numel(), 4096)
+        spread = ctx.num_rows + torch.arange(rows.numel(), device=rows.device) % scratch
+        target = torch.where(w != 0, rows, spread)  # (B*S,)
+        grad_weight = grad.new_zeros(ctx.num_rows + scratch, grad.shape[1])
+        grad_weight.index_add_(0, target, contributions)
+        return grad_weight[: ctx.num_rows], None, None, None, None
 
 
 def carry_over_embeddings(

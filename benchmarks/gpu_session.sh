@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One lent GPU session's checks, in priority order, each under its own time limit, for a
+# machine with torch but no Kedro (see docs/benchmarks.md, "On a GPU"). Run from the
+# repository root:  bash benchmarks/gpu_session.sh OUT_DIR
+#
+# It expects, beside the tracked source (prepared here with a local `kedro run`):
+#   .whl/          Optuna and its dependencies (+ deepctr-torch) as wheels for the
+#                  machine's Python, when the machine lacks them
+#   .gpu/suite/    `python benchmarks/suite_on_device.py export --to .gpu/suite`
+#   data/05_model_input/movielens_latest/   the encoded data the throughput benchmark reads
+# Writes to OUT_DIR: env_and_tests.log, throughput.log, throughput.jsonl, train_loop.json,
+# profile.json, suite.log, suite_cuda.json, table5.log. STAGES="tests throughput" (say)
+# runs a subset; T_* set each stage's time limit in seconds.
+set -u
+OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 MPLBACKEND=Agg KEDRO_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+T_TESTS_CUDA=${T_TESTS_CUDA:-90} T_TESTS=${T_TESTS:-150} T_TP=${T_TP:-160} T_SUITE=${T_SUITE:-70} T_T5=${T_T5:-25}
+STAGES=${STAGES:-"tests throughput suite table5"}  # a subset reruns only those
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+NO_KEDRO="--ignore tests/training/test_workers.py"  # it runs `kedro run`
+
+{
+  stage "machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+  python3 -c "import optuna, pandas, pyarrow, sklearn; print('optuna', optuna.__version__, 'pandas', pandas.__version__)"
+  if want tests; then
+    stage "CUDA tests (pytest -m cuda)"
+    timeout "$T_TESTS_CUDA" python3 -m pytest -m cuda -p no:cacheprovider -q -o addopts="" -rA --tb=short \
+      tests/models tests/training $NO_KEDRO 2>&1 | tail -60
+    stage "model, training and folding tests on the GPU machine (pytest -n 14)"
+    timeout "$T_TESTS" python3 -m pytest -m "not cuda" -p no:cacheprovider -q -o addopts="" -rfE --tb=short -n 14 \
+      --durations=8 tests/models tests/training tests/test_significance.py $NO_KEDRO 2>&1 | grep -v Benchmark | tail -60
+  fi
+} 2>&1 | tee "$OUT_DIR/env_and_tests.log"
+want throughput || T_TP=0
+want suite || T_SUITE=0
+want table5 || T_T5=0
+
+[ "$T_TP" -gt 0 ] && stage "throughput" | tee "$OUT_DIR/throughput.log" &&
+timeout "$T_TP" python3 benchmarks/train_throughput.py --device cuda --budget-s $((T_TP - 50)) --quiet 0 --out "$OUT_DIR" 2>&1 \
+  | tee -a "$OUT_DIR/throughput.log"
+
+[ "$T_SUITE" -gt 0 ] && stage "the apg suite through the project's tuning code" | tee "$OUT_DIR/suite.log" &&
+timeout "$T_SUITE" python3 benchmarks/suite_on_device.py train --from .gpu/suite --device cuda --suites apg \
+  --out "$OUT_DIR/suite_cuda.json" 2>&1 | grep -v "INFO\|^ " | tee -a "$OUT_DIR/suite.log" | tail -25
+
+[ "$T_T5" -gt 0 ] && stage "APG Table 5 on the GPU" | tee "$OUT_DIR/table5.log" &&
+timeout "$T_T5" python3 benchmarks/apg_table5.py --device cuda --max-hidden-mb 8192 --repeats 5 --no-memory --quiet 0 2>&1 \
+  | tee -a "$OUT_DIR/table5.log" | tail -30
+stage "done"
