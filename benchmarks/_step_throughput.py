@@ -206,7 +206,7 @@ def profile_summary(contender: Contender, batch: int, dtype: torch.dtype | None,
     x, y = contender.x[:batch], contender.y[:batch]
     if graph:
         graphed = GraphedStep(loss_fn, model.parameters(), opt)
-        step = lambda: graphed(x, y)  # noqa: E731
+        step = lambda: graphed(x, y)
     else:
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -256,8 +256,9 @@ def train_loop_rates(spec, data: TensorData, valid: TensorData, device: torch.de
 
 
 def run(args, spec, train_cols: dict, valid_cols: dict, source: str, out_dir: Path | None) -> None:
-    from dynamic_ctr.training import tensors_from_columns
     from train_throughput import deepctr_inputs
+
+    from dynamic_ctr.training import tensors_from_columns
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -8,8 +8,8 @@
 #                  machine's Python, when the machine lacks them
 #   .gpu/suite/    `python benchmarks/suite_on_device.py export --to .gpu/suite`
 #   data/05_model_input/movielens_latest/   the encoded data the throughput benchmark reads
-# Writes to OUT_DIR: env_and_tests.log, throughput.log, throughput.jsonl, train_loop.json,
-# profile.json, suite.log, suite_cuda.json, table5.log. STAGES="tests throughput" (say)
+# Writes to OUT_DIR: env_and_tests.log, pytest_gpu.log, throughput.log, throughput.jsonl,
+# train_loop.json, profile.json, suite_cuda.json, table5.log (the device tool's limit is 8). STAGES="tests throughput" (say)
 # runs a subset; T_* set each stage's time limit in seconds.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR}
@@ -33,10 +33,14 @@ NO_KEDRO="--ignore tests/training/test_workers.py"  # it runs `kedro run`
   if want tests; then
     stage "CUDA tests (pytest -m cuda)"
     timeout "$T_TESTS_CUDA" python3 -m pytest -m cuda -p no:cacheprovider -q -o addopts="" -rA --tb=short \
-      tests/models tests/training $NO_KEDRO 2>&1 | tail -60
-    stage "model, training and folding tests on the GPU machine (pytest -n 14)"
-    timeout "$T_TESTS" python3 -m pytest -m "not cuda" -p no:cacheprovider -q -o addopts="" -rfE --tb=short -n 14 \
-      --durations=8 tests/models tests/training tests/test_significance.py $NO_KEDRO 2>&1 | grep -v Benchmark | tail -60
+      --timeout 60 tests/models tests/training $NO_KEDRO 2>&1 | tail -60
+    stage "model, training and folding tests on the GPU machine (pytest -n 14; each test's verdict in pytest_gpu.log)"
+    # -v names every verdict as it comes, so a run cut short still says what failed;
+    # --timeout turns a hung test (a DDP rendezvous, say) into a named failure.
+    timeout "$T_TESTS" python3 -m pytest -m "not cuda" -p no:cacheprovider -v -o addopts="" -rfE --tb=short -n 14 \
+      --timeout 60 tests/models tests/training tests/test_significance.py $NO_KEDRO 2>&1 | grep -v Benchmark \
+      > "$OUT_DIR/pytest_gpu.log"
+    grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT_DIR/pytest_gpu.log" | grep -v "^\[gw[0-9]*\] PASSED" | tail -40
   fi
 } 2>&1 | tee "$OUT_DIR/env_and_tests.log"
 want throughput || T_TP=0
@@ -47,9 +51,9 @@ want table5 || T_T5=0
 timeout "$T_TP" python3 benchmarks/train_throughput.py --device cuda --budget-s $((T_TP - 50)) --quiet 0 --out "$OUT_DIR" 2>&1 \
   | tee -a "$OUT_DIR/throughput.log"
 
-[ "$T_SUITE" -gt 0 ] && stage "the apg suite through the project's tuning code" | tee "$OUT_DIR/suite.log" &&
+[ "$T_SUITE" -gt 0 ] && stage "the apg suite through the project's tuning code" &&
 timeout "$T_SUITE" python3 benchmarks/suite_on_device.py train --from .gpu/suite --device cuda --suites apg \
-  --out "$OUT_DIR/suite_cuda.json" 2>&1 | grep -v "INFO\|^ " | tee -a "$OUT_DIR/suite.log" | tail -25
+  --out "$OUT_DIR/suite_cuda.json" 2>&1 | grep -v "INFO\|^ " | tail -25
 
 [ "$T_T5" -gt 0 ] && stage "APG Table 5 on the GPU" | tee "$OUT_DIR/table5.log" &&
 timeout "$T_T5" python3 benchmarks/apg_table5.py --device cuda --max-hidden-mb 8192 --repeats 5 --no-memory --quiet 0 2>&1 \

@@ -49,13 +49,13 @@ def latest(path: Path) -> Path:
     return versions[-1] / path.name
 
 
-def export(to: Path, suites: list[str]) -> None:
+def export(to: Path, suites: list[str], data: Path = ROOT / "data") -> None:
     to.mkdir(parents=True, exist_ok=True)
-    model_input = ROOT / "data/05_model_input" / DATASET
+    model_input = data / "05_model_input" / DATASET
     for name in ("train.parquet", "valid.parquet", "feature_spec.json"):
         shutil.copyfile(latest(model_input / name), to / name)
     for suite in suites:
-        shutil.copyfile(latest(ROOT / "data/06_models" / DATASET / suite / "suite_plan.json"), to / f"{suite}_plan.json")
+        shutil.copyfile(latest(data / "06_models" / DATASET / suite / "suite_plan.json"), to / f"{suite}_plan.json")
     print(f"exported model input and the plans of {suites} to {to}")
 
 
@@ -127,6 +127,7 @@ def main() -> None:
     p = sub.add_parser("export")
     p.add_argument("--to", type=Path, required=True)
     p.add_argument("--suites", default=",".join(SUITES))
+    p.add_argument("--data", type=Path, default=ROOT / "data", help="the project's data folder (Kedro's outputs)")
     p = sub.add_parser("train")
     p.add_argument("--from", dest="source", type=Path, required=True)
     p.add_argument("--device", default="auto")
@@ -138,7 +139,7 @@ def main() -> None:
     p.add_argument("right", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        export(args.to, args.suites.split(","))
+        export(args.to, args.suites.split(","), args.data)
     elif args.command == "compare":
         compare(args.left, args.right)
     else:

@@ -35,7 +35,7 @@ def real_splits(small_train_encoded):
     spec, frame = small_train_encoded
     cols = [*spec.index_columns, spec.label]
     fit, held = frame.iloc[:-10_000], frame.iloc[-10_000:]
-    to_tensors = lambda f: tensors_from_columns({c: f[c].to_numpy() for c in cols}, spec, "cpu")  # noqa: E731
+    to_tensors = lambda f: tensors_from_columns({c: f[c].to_numpy() for c in cols}, spec, "cpu")
     return spec, to_tensors(fit), to_tensors(held)
 
 

@@ -63,7 +63,7 @@ def _train_on_cuda(real_splits, **overrides):
 
 @pytest.mark.cuda
 def test_cuda_training_keeps_the_model_the_data_and_adams_state_on_the_gpu(real_splits):
-    from dynamic_ctr.training import make_optimizer, TrainConfig
+    from dynamic_ctr.training import TrainConfig, make_optimizer
 
     assert resolve_device("auto").type == "cuda"
     _, _, result = _train_on_cuda(real_splits, max_epochs=1)
@@ -81,7 +81,7 @@ def test_cuda_training_keeps_the_model_the_data_and_adams_state_on_the_gpu(real_
 def test_a_model_trained_on_the_gpu_loads_and_scores_identically_on_the_cpu(real_splits, tmp_path):
     from dynamic_ctr.training import evaluate, load_checkpoint, save_checkpoint
 
-    spec, va, result = _train_on_cuda(real_splits, max_epochs=1)
+    _, va, result = _train_on_cuda(real_splits, max_epochs=1)
     gpu_model = result.model.eval()
     on_gpu = evaluate(gpu_model, va.to("cuda"), 4096)
     save_checkpoint(gpu_model, tmp_path / "ckpt")

@@ -137,7 +137,8 @@ class FieldEmbedding(nn.Module):
         _, weights = self._slot_weights(x)  # (B, S)
         starts = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_slots + self.field_start).reshape(-1)
         rows, weights = (x + self.offsets).reshape(-1), weights.reshape(-1)  # (B*S,)
-        if self.table.weight.is_cuda and torch.is_grad_enabled() and self.table.weight.requires_grad:
+        scatter = self.table.weight.is_cuda and not torch.are_deterministic_algorithms_enabled()
+        if scatter and torch.is_grad_enabled() and self.table.weight.requires_grad:
             bags = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_fields + self.slot_field).reshape(-1)
             pooled = _ScatterBag.apply(self.table.weight, rows, starts, weights, bags)
         else:
@@ -191,7 +192,8 @@ class _ScatterBag(torch.autograd.Function):
     to its row with atomics, and the slots of weight 0 (pad slots, which contribute
     nothing) go to scratch rows instead of piling onto one. The same sums, in another
     order: equal up to float rounding (and, atomics being unordered, not bit-reproducible
-    between runs on CUDA, see :func:`~dynamic_ctr.training.device.seed_everything`).
+    between runs on CUDA, see :func:`~dynamic_ctr.training.device.seed_everything`);
+    ``torch.use_deterministic_algorithms(True)`` keeps PyTorch's own sorted backward.
 
     ``bags`` gives each slot's bag (``(B*S,)``); ``w`` must not need a gradient.
     """
