@@ -204,8 +204,9 @@ class Ceiling(nn.Module):
     ``mask / count`` (mean over non-pad slots, zero for an all-pad row).
     """
 
-    def __init__(self, spec: FeatureSpec, dim: int, hidden: tuple[int, ...]) -> None:
+    def __init__(self, spec: FeatureSpec, dim: int, hidden: tuple[int, ...], scatter_backward: bool = False) -> None:
         super().__init__()
+        self.scatter_backward = scatter_backward  # the weight gradient of models/embedding.py's _ScatterBag
         fields = (*spec.categorical, *spec.sequences)
         starts = np.cumsum([0] + [f.vocab_size for f in fields])[:-1]
         slot_offsets, slot_field = [], []
@@ -238,9 +239,15 @@ class Ceiling(nn.Module):
         counts = torch.zeros(b, self.num_fields, device=x.device).index_add_(1, self.slot_field, nonpad)
         per_slot = counts.index_select(1, self.slot_field).clamp_min(1.0)  # (B, S)
         weights = torch.where(self.seq_slots, nonpad / per_slot, 1.0)  # (B, S)
-        out = self.table(
-            (x + self.offsets).reshape(-1), self._bag_offsets[b], per_sample_weights=weights.reshape(-1)
-        ).view(b, self.num_fields, self.dim + 1)  # (B, F, D+1)
+        rows, weights = (x + self.offsets).reshape(-1), weights.reshape(-1)
+        if self.scatter_backward:
+            from dynamic_ctr.models.embedding import _ScatterBag
+
+            bags = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_fields + self.slot_field).reshape(-1)
+            out = _ScatterBag.apply(self.table.weight, rows, self._bag_offsets[b], weights, bags)
+        else:
+            out = self.table(rows, self._bag_offsets[b], per_sample_weights=weights)
+        out = out.view(b, self.num_fields, self.dim + 1)  # (B, F, D+1)
         deep = self.mlp(out[..., : self.dim].reshape(b, -1)).squeeze(1)  # (B,)
         return deep + out[..., self.dim].sum(1) + self.bias
 

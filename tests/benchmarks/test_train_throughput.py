@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.
 
 
 def test_device_harness_runs_every_contender_on_the_cpu(tmp_path):
-    contenders = "bare,wdl,wdl_apg,dcnv2_apg,xdeepint,dynint_dgp"
+    contenders = "bare,bare_scatter,wdl,wdl_apg,dcnv2_apg,xdeepint,dynint_dgp"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--harness", "--contenders", contenders, "--batches", "256",
          "--blocks", "1", "--block-ms", "1", "--budget-s", "120", "--quiet", "0", "--out", str(tmp_path)],

@@ -81,7 +81,8 @@ class TrainConfig:
             (:mod:`dynamic_ctr.training.graphs`): ``"off"``; ``"on"`` (a run that cannot
             use them, e.g. on the CPU or with group optimisers, is refused before
             training); ``"auto"`` (the default: used on CUDA where they can be, else eager
-            steps; 3-12x the eager step rate on an H200, docs/benchmarks.md).
+            steps; 6-18x the eager step rate of this project's models on an H200,
+            docs/benchmarks.md section 11).
     """
 
     lr: float = 0.005
