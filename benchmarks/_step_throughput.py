@@ -110,23 +110,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_cell(contender: Contender, batch: int, dtype: torch.dtype | None, optimiser: str, graph: bool,
-                 compiled: bool, device: torch.device, blocks: int, block_ms: float) -> dict:
-    """One (contender, batch, precision, levers) cell: steady-state samples/s."""
+def make_step(contender: Contender, dtype: torch.dtype | None, optimiser: str, graph: bool, compiled: bool,
+              device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    """``step(xb, yb) -> loss``: one training step of the contender with the given levers."""
     model = contender.model
     forward = torch.compile(model) if compiled else model
     kernel = {"fused": True} if optimiser == "fused" else {"foreach": True}
     opt = torch.optim.Adam(model.parameters(), lr=LR, capturable=graph, **kernel)
     loss_fn = contender.loss_fn(forward, dtype, device)
     if graph:
-        step: Callable[[Tensor, Tensor], Tensor] = GraphedStep(loss_fn, model.parameters(), opt)
-    else:
-        def step(xb: Tensor, yb: Tensor) -> Tensor:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(xb, yb)
-            loss.backward()
-            opt.step()
-            return loss.detach()
+        return GraphedStep(loss_fn, opt)
+
+    def step(xb: Tensor, yb: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(xb, yb)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def measure_cell(contender: Contender, batch: int, dtype: torch.dtype | None, optimiser: str, graph: bool,
+                 compiled: bool, device: torch.device, blocks: int, block_ms: float) -> dict:
+    """One (contender, batch, precision, levers) cell: steady-state samples/s."""
+    step = make_step(contender, dtype, optimiser, graph, compiled, device)
 
     n = contender.x.shape[0]
     per_epoch = n // batch
@@ -203,24 +211,14 @@ def profile_summary(contender: Contender, batch: int, dtype: torch.dtype | None,
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    model = contender.model
-    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True, capturable=graph)
-    loss_fn = contender.loss_fn(model, dtype, device)
+    step = make_step(contender, dtype, "fused", graph, False, device)
     x, y = contender.x[:batch], contender.y[:batch]
-    if graph:
-        graphed = GraphedStep(loss_fn, model.parameters(), opt)
-        step = lambda: graphed(x, y)
-    else:
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(x, y).backward()
-            opt.step()
     for _ in range(10):
-        step()
+        step(x, y)
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step()
+            step(x, y)
         _sync(device)
     events = prof.events()
     # the profiler lists its own ranges (Optimizer.step#Adam.step) with the CUDA kernels

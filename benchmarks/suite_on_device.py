@@ -65,8 +65,8 @@ def train_suites(source: Path, device_name: str, suites: list[str], only: list[s
     import torch
 
     from dynamic_ctr.spec import FeatureSpec
-    from dynamic_ctr.training import apply_overrides, resolve_device, tensors_from_columns
-    from dynamic_ctr.training.tuning import StudyConfig, in_process_fitter, tune
+    from dynamic_ctr.training import resolve_device, tensors_from_columns
+    from dynamic_ctr.training.tuning import StudyConfig, further_seeds, in_process_fitter, tune
 
     spec = FeatureSpec.from_dict(json.loads((source / "feature_spec.json").read_text()))
     device = resolve_device(device_name)
@@ -87,10 +87,8 @@ def train_suites(source: Path, device_name: str, suites: list[str], only: list[s
             fitter = in_process_fitter(spec, train, valid)
             result = tune({"model": entry["model"], "train": entry["train"]}, entry["search_space"], spec, train,
                           valid, StudyConfig(study_name=f"{suite}.{name}", **study), fitter=fitter)
-            seed_aucs = [result.best_value]
-            for seed in entry["seeds"][1:]:
-                run = fitter(apply_overrides(result.best_config, {"train.seed": seed}), None, None)
-                seed_aucs.append(run.best_val_auc)
+            seeds = further_seeds(fitter, result.best_config, entry["seeds"][1:])
+            seed_aucs = [result.best_value, *(run.best_val_auc for run in seeds.values())]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0

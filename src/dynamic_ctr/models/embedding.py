@@ -135,11 +135,12 @@ class FieldEmbedding(nn.Module):
         # slots (mean pooling; an all-pad row pools to zero).
         b = x.shape[0]
         _, weights = self._slot_weights(x)  # (B, S)
-        starts = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_slots + self.field_start).reshape(-1)
+        row = torch.arange(b, device=x.device).unsqueeze(1)  # (B, 1)
+        starts = (row * self.num_slots + self.field_start).reshape(-1)  # (B*F,)
         rows, weights = (x + self.offsets).reshape(-1), weights.reshape(-1)  # (B*S,)
         scatter = self.table.weight.is_cuda and not torch.are_deterministic_algorithms_enabled()
         if scatter and torch.is_grad_enabled() and self.table.weight.requires_grad:
-            bags = (torch.arange(b, device=x.device).unsqueeze(1) * self.num_fields + self.slot_field).reshape(-1)
+            bags = (row * self.num_fields + self.slot_field).reshape(-1)  # (B*S,): each slot's bag
             pooled = _ScatterBag.apply(self.table.weight, rows, starts, weights, bags)
         else:
             pooled = nn.functional.embedding_bag(rows, self.table.weight, starts, mode="sum", per_sample_weights=weights)

@@ -27,10 +27,10 @@ so steps built here autocast with ``cache_enabled=False``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["GraphedStep", "graph_refusal"]
 
@@ -62,22 +62,19 @@ class GraphedStep:
     Args:
         loss_fn: ``loss_fn(xb, yb) -> scalar loss`` (forward, loss and any penalty; autocast
             inside it with ``cache_enabled=False``).
-        parameters: the parameters the optimiser updates (their ``.grad`` are written).
         optimizer: a capturable ``torch.optim.Adam`` (see :func:`graph_refusal`).
         after_backward: called between backward and the optimiser step (gradient clipping);
             captured with the rest, so it must not sync with the host either.
         warmup: eager full-size steps before the capture.
         failure_log_level: the ``logging`` level of the one message a failed capture logs.
 
-    ``mode`` says what the last step did: ``"warmup"``, ``"graph"``, ``"eager"`` (a batch
-    of another size, or every step after a failed capture). ``captured`` is ``True``
-    once a graph exists; ``failure`` holds the capture's error when it failed.
+    ``captured`` is ``True`` once a graph exists; ``failure`` holds the capture's error
+    when it failed (every step is eager from then on).
     """
 
     def __init__(
         self,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
-        parameters: Iterable[nn.Parameter],
         optimizer: torch.optim.Optimizer,
         *,
         after_backward: Callable[[], object] | None = None,
@@ -87,11 +84,9 @@ class GraphedStep:
         if warmup < 1:
             raise ValueError(f"{warmup=} must be >= 1 (the optimiser state must exist before the capture)")
         self.loss_fn, self.optimizer, self.after_backward = loss_fn, optimizer, after_backward
-        self.parameters = [p for p in parameters if p.requires_grad]
         self.warmup, self.failure_log_level = warmup, failure_log_level
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failure: BaseException | None = None
-        self.mode = "warmup"
         self._full_shape: torch.Size | None = None
         self._warmed = 0
         self._side = torch.cuda.Stream()
@@ -136,11 +131,9 @@ class GraphedStep:
             torch.cuda.synchronize()
             logger.log(self.failure_log_level, "CUDA graph capture of the training step failed (%s: %s); "
                        "training on eagerly", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.mode = "eager"
             return self._eager(xb, yb)  # the captured work never ran: this batch still trains
         self.graph, self._static_loss = graph, loss
         graph.replay()  # capturing ran nothing: the batch trains now
-        self.mode = "graph"
         return loss.detach().clone()
 
     def __call__(self, xb: Tensor, yb: Tensor) -> Tensor:
@@ -151,16 +144,10 @@ class GraphedStep:
             self._static_x.copy_(xb)
             self._static_y.copy_(yb)
             self.graph.replay()
-            self.mode = "graph"
             return self._static_loss.detach().clone()  # the next replay overwrites it
         if self.failure is not None or self.graph is not None:  # after a failed capture, or a partial batch
-            self.mode = "eager"
             return self._eager(xb, yb)
-        if not full:  # a partial batch before the capture: with the warm-up, on the side stream
-            self.mode = "warmup"
-            return self._on_side_stream(xb, yb)
-        if self._warmed < self.warmup:
-            self._warmed += 1
-            self.mode = "warmup"
+        if not full or self._warmed < self.warmup:  # warm-up (and partial batches before the capture)
+            self._warmed += full
             return self._on_side_stream(xb, yb)
         return self._capture(xb, yb)

@@ -394,16 +394,6 @@ def train(
     # (``model.adapt(train)``, MAML's per-domain adaptation); both optional.
     meta_loss = getattr(model, "meta_loss", None)
     adapt = getattr(model, "adapt", None)
-    graphed = None
-    if want_graphs:
-        refusal = graph_refusal(device, optimizer, fp16_scaling=scaler.is_enabled(), ddp=ddp is not None,
-                                custom_loss=callable(meta_loss))
-        if refusal is not None and cfg.cuda_graphs == "on":
-            raise ValueError(f"cuda_graphs='on': {refusal}")
-        if refusal is None:
-            graphed = _graphed_step(model, optimizer, cfg, device, amp_dtype, penalty_of)
-        else:
-            logger.info("training steps run eagerly: %s", refusal)
     # dropout and any other global-RNG use in forward (each rank its own masks)
     torch.manual_seed(cfg.seed if ddp is None else cfg.seed + ddp.rank)
     shuffle_gen = make_generator(cfg.seed, device)  # one permutation for every rank
@@ -413,6 +403,39 @@ def train(
     if ddp is not None:
         steps_per_epoch = ddp.num_batches(len(train), cfg.batch_size)
         forward = ddp.wrap(model)
+
+    def batch_loss(xb: Tensor, yb: Tensor, autocast: AbstractContextManager[Any]) -> Tensor:
+        """The mean loss of one batch: the model's own (MAML) or binary cross-entropy,
+        plus the model-supplied penalty (e.g. DynInt's eqs. 11-12)."""
+        with autocast:
+            if meta_loss is not None:  # a model that trains on its own objective (MAML)
+                loss = meta_loss(xb, yb).float()
+            else:
+                loss = F.binary_cross_entropy_with_logits(forward(xb).float(), yb)  # logits (B,)
+        if penalty_of is not None:
+            extra = penalty_of()
+            if extra is not None:
+                loss = loss + extra.float()
+        return loss
+
+    graphed = None
+    if want_graphs:
+        refusal = graph_refusal(device, optimizer, fp16_scaling=scaler.is_enabled(), ddp=ddp is not None,
+                                custom_loss=callable(meta_loss))
+        if refusal is not None and cfg.cuda_graphs == "on":
+            raise ValueError(f"cuda_graphs='on': {refusal}")
+        if refusal is None:
+            # autocast without its weight cache, which a replay would read stale
+            uncached = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
+            clip = None if cfg.grad_clip is None else (lambda: clip_grad_norm(model.parameters(), cfg.grad_clip))
+            # "auto" expects some models not to be capturable (AdaSparse's per-domain dedupe
+            # syncs with the host): their fallback is logged at INFO, an explicit "on"'s at WARNING.
+            graphed = GraphedStep(
+                lambda xb, yb: batch_loss(xb, yb, uncached), optimizer, after_backward=clip,
+                failure_log_level=logging.WARNING if cfg.cuda_graphs == "on" else logging.INFO,
+            )
+        else:
+            logger.info("training steps run eagerly: %s", refusal)
     if isinstance(train, RowGroupData) and ddp is not None:
         steps_per_epoch = None  # each epoch's group order decides it (RowGroupData.sharded_steps)
 
@@ -479,34 +502,17 @@ def train(
             for step, (xb, yb, rows) in enumerate(batch_iter, 1):
                 if graphed is not None:  # the same step, replayed from a CUDA graph once captured
                     loss = graphed(xb, yb)
-                    loss_sum += loss * rows
-                    rows_trained += rows
-                    window.append(loss)
-                    if step % cfg.log_every == 0:
-                        last_finite, window_mean = _check_finite(window, epoch, window_start, last_finite)
-                        window, window_start = [], step + 1
-                        bar.set_postfix(loss=f"{window_mean:.4f}")
-                    bar.update()
-                    continue
-                with autocast_ctx:
-                    if meta_loss is not None:  # a model that trains on its own objective (MAML)
-                        loss = meta_loss(xb, yb).float()
-                    else:
-                        logits = forward(xb)  # (B,)
-                        loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
-                if penalty_of is not None:  # a model-supplied loss term (e.g. DynInt's eqs. 11-12)
-                    extra = penalty_of()
-                    if extra is not None:
-                        loss = loss + extra.float()
-                if yb.shape[0] != rows:  # a rank's uneven share of the last global batch:
-                    loss = loss * (yb.shape[0] / rows)  # DDP's average = the mean over its rows
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    clip_grad_norm(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                else:
+                    loss = batch_loss(xb, yb, autocast_ctx)
+                    if yb.shape[0] != rows:  # a rank's uneven share of the last global batch:
+                        loss = loss * (yb.shape[0] / rows)  # DDP's average = the mean over its rows
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        clip_grad_norm(model.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
 
                 loss = loss.detach()
                 loss_sum += loss * rows
@@ -601,30 +607,3 @@ def train(
         cuda_graph=graphed is not None and graphed.captured,
     )
 
-
-def _graphed_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    penalty_of: Callable[[], Tensor | None] | None,
-) -> GraphedStep:
-    """The eager step of :func:`train` (forward, loss, penalty, backward, clipping, Adam)
-    as a :class:`GraphedStep`; autocast without its weight cache, which a replay would
-    read stale."""
-
-    def step_loss(xb: Tensor, yb: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
-            loss = F.binary_cross_entropy_with_logits(model(xb).float(), yb)
-        if penalty_of is not None:
-            extra = penalty_of()
-            if extra is not None:
-                loss = loss + extra.float()
-        return loss
-
-    clip = None if cfg.grad_clip is None else (lambda: clip_grad_norm(model.parameters(), cfg.grad_clip))
-    # "auto" expects some models not to be capturable (AdaSparse's per-domain dedupe syncs
-    # with the host): their fallback is logged at INFO, an explicit "on"'s at WARNING.
-    level = logging.WARNING if cfg.cuda_graphs == "on" else logging.INFO
-    return GraphedStep(step_loss, model.parameters(), optimizer, after_backward=clip, failure_log_level=level)

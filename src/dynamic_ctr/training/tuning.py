@@ -89,7 +89,7 @@ import random
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +115,7 @@ __all__ = [
     "decode_params",
     "finished_trials",
     "fit",
+    "further_seeds",
     "journal_path",
     "make_objective",
     "planned_params",
@@ -843,6 +844,19 @@ def in_process_fitter(spec: FeatureSpec, train_data: TensorData, valid_data: Ten
         return fit(config, spec, train_data, valid_data, builder, on_epoch_end, checkpoint_dir=checkpoint_dir)
 
     return fitter
+
+
+def further_seeds(
+    fitter: Fitter,
+    best_config: Mapping[str, Any],
+    seeds: Sequence[int],
+    checkpoint_dirs: Mapping[int, str | os.PathLike[str] | None] | None = None,
+) -> dict[int, TrainResult]:
+    """The tuned ``best_config`` trained again under each of ``seeds`` (each seed changes
+    the initial weights, dropout and the batch order), one ``fitter`` run per seed, with
+    its resume directory from ``checkpoint_dirs`` (none when absent)."""
+    dirs = checkpoint_dirs or {}
+    return {seed: fitter(apply_overrides(best_config, {"train.seed": seed}), None, dirs.get(seed)) for seed in seeds}
 
 
 def seeded_model_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dynamic_ctr.training.distributed import LocalRanks
 from dynamic_ctr.training.resume import remove_state
 from dynamic_ctr.training.tuning import (
     StudyConfig,
-    apply_overrides,
+    further_seeds,
     in_process_fitter,
     study_checkpoint_dir,
     trials_table,
@@ -186,9 +186,7 @@ def train_variant(
         histories = [pd.DataFrame(result.best_history).assign(seed=seeds[0])]
         root = study_checkpoint_dir(study_cfg)
         seed_dirs = {seed: None if root is None else root / f"seed_{seed}" for seed in seeds[1:]}
-        for seed in seeds[1:]:
-            config = apply_overrides(result.best_config, {"train.seed": seed})
-            run = fitter(config, None, seed_dirs[seed])
+        for seed, run in further_seeds(fitter, result.best_config, seeds[1:], seed_dirs).items():
             if run.resumed_from_epoch:
                 logger.info("variant %s: seed %d resumed after epoch %d", variant_name, seed, run.resumed_from_epoch)
             models[f"seed_{seed}"] = run.model
