@@ -23,13 +23,14 @@ def _run(*args: str) -> str:
 
 def test_every_contender_and_report_line():
     out = _run("--domains", "3,6")
-    for name in ("dnn", "star", "star-bmm", "mmoe", "apg", "adasparse", "adasparse-domain"):
+    for name in ("dnn", "star", "star-bmm", "mmoe", "apg", "adasparse", "adasparse-domain", "eq2-floor"):
         assert f"| 3 | {name} |" in out and f"| 6 | {name} |" in out, name
     assert "serving check: pruned == masked" in out
     assert "STAR at P=6 on batches of the 3 most frequent domains" in out
     assert "one optimiser step: SparseAdam" in out
     assert "STAR at 1,000 domains" not in out  # that target needs P = 10 and 1,000
     assert "pruned serving form >= 1.15x faster" in out
+    assert "[P=6] (floor) eq. 2 alone" in out
 
 
 def test_contenders_subset_and_unknown_names():

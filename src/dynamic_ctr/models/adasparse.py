@@ -335,6 +335,9 @@ class AdaSparseTower(nn.Module):
                 f"emb must be (B, F, {self.embedding_dim}) with F > max(domain_fields)="
                 f"{max(self.domain_fields)}, got {tuple(emb.shape)}"
             )
+        first, count = self.domain_fields[0], len(self.domain_fields)
+        if self.domain_fields == tuple(range(first, first + count)):  # adjacent fields: a view, no copy
+            return emb[:, first:first + count].flatten(1)  # (B, C)
         return emb[:, list(self.domain_fields)].flatten(1)  # (B, C)
 
     def _pruner_logits(self, layer: int, e_d: Tensor, h: Tensor) -> Tensor:
