@@ -226,6 +226,7 @@ def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> Non
     assert variants["star"]["model"]["domain_field"] == "domain" and variants["star"]["model"]["hidden_units"] == [128, 64, 32]
     assert variants["dnn_adasparse"]["model"]["adasparse"]["fields"] == ["domain"]
     assert variants["dnn_apg_item"]["model"]["apg"]["condition"]["fields"] == ["item"]
+    assert variants["mmoe_item"]["model"]["domain_field"] == "item" and variants["mmoe"]["model"]["domain_field"] == "domain"
     formulations = {n: v["model"]["adasparse"]["formulation"] for n, v in variants.items() if "adasparse" in v["model"]}
     assert set(formulations.values()) == {"binarization", "scaling", "fusion"}
     assert all(variants[n]["compare_to"] in ("md_dnn", "md_dcnv2") for n in formulations)

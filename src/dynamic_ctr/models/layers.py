@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ __all__ = [
     "MLPTower",
     "check_domain_input",
     "check_units",
+    "rows_with_sparse_grad",
 ]
 
 
@@ -56,6 +58,32 @@ def check_domain_input(h: Tensor, domain: Tensor, in_dim: int, num_domains: int)
         if int(low) < 0 or int(high) >= num_domains:
             raise ValueError(f"domain ids must be in [0, {num_domains}), got [{int(low)}, {int(high)}]")
     return b
+
+
+class _RowsWithSparseGrad(torch.autograd.Function):
+    """``weight[ids]`` along dim 0, whose gradient is a row-sparse COO tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        # one sparse dim (rows), the row shape dense; repeated ids stay uncoalesced (summed).
+        # No invariant check: the ids were valid rows for the forward's index_select.
+        return torch.sparse_coo_tensor(ids.unsqueeze(0), grad, ctx.weight_shape, check_invariants=False), None
+
+
+def rows_with_sparse_grad(weight: Tensor, ids: Tensor) -> Tensor:
+    """``weight[ids]`` for a per-domain table ``weight (P, ...)`` and ids ``(B,)``, whose
+    gradient lists the B rows only (a COO tensor with one sparse dimension), so that
+    a lazy optimiser (``training.optimizers.LazyAdam``, parameter role ``domain``) updates
+    the batch's domains and never touches the other P rows. ``F.embedding(...,
+    sparse=True)`` does the same for 2-d tables; this also takes ``(P, N, M)`` ones."""
+    return _RowsWithSparseGrad.apply(weight, ids.long())
 
 
 class HiddenActivation(nn.Module):

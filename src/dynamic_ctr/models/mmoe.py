@@ -33,6 +33,11 @@ for the first layer, one ``bmm`` per further layer). Each sample's gate and towe
 weights are gathered by its domain: ``(B, X, E_in)`` for the gates and ``(B, N, M)`` per
 tower layer, so work and memory grow with B (``B * (X E_in + sum N M)`` numbers), never
 with ``B * P``; gates and towers are small, so the gather is cheaper than grouping.
+The gathers' gradients are row-sparse (``layers.rows_with_sparse_grad``): the gates and
+towers are parameter role ``domain`` (:meth:`MMoENetwork.parameter_roles`), which the
+training loop updates lazily, the batch's domains only. At the fine grain (a domain per
+item, P in the thousands) a dense Adam step over every domain's gate and tower would
+cost more than the rest of the step (docs/benchmarks.md §6).
 
 Choices where the paper is silent:
 
@@ -54,7 +59,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from dynamic_ctr.models.layers import check_domain_input, check_units
+from dynamic_ctr.models.layers import check_domain_input, check_units, rows_with_sparse_grad
 
 __all__ = ["MMoENetwork"]
 
@@ -137,15 +142,16 @@ class MMoENetwork(nn.Module):
     def gates(self, h: Tensor, domain: Tensor) -> Tensor:
         """``h (B, E_in)``, ``domain (B,)`` -> each row's gate of its domain ``(B, X)``
         (softmax: non-negative, rows sum to 1)."""
-        w = self.gate_weight[domain]  # (B, X, E_in)
-        logits = torch.einsum("bxm,bm->bx", w, h) + self.gate_bias[domain]  # (B, X)
+        w = rows_with_sparse_grad(self.gate_weight, domain)  # (B, X, E_in)
+        logits = torch.einsum("bxm,bm->bx", w, h) + rows_with_sparse_grad(self.gate_bias, domain)  # (B, X)
         return torch.softmax(logits, dim=1)
 
     def tower(self, x: Tensor, domain: Tensor) -> Tensor:
         """``x (B, H)``, ``domain (B,)`` -> each row's own tower's logit ``(B,)``."""
         last = len(self.tower_weights) - 1
         for i, (w, b) in enumerate(zip(self.tower_weights, self.tower_biases)):
-            x = torch.baddbmm(b[domain].unsqueeze(2), w[domain], x.unsqueeze(2)).squeeze(2)  # (B, N)
+            w_rows, b_rows = rows_with_sparse_grad(w, domain), rows_with_sparse_grad(b, domain)  # (B, N, M), (B, N)
+            x = torch.baddbmm(b_rows.unsqueeze(2), w_rows, x.unsqueeze(2)).squeeze(2)  # (B, N)
             if i < last:
                 x = self.dropout(torch.relu(x))
         return x.squeeze(1)  # (B,): linear, no activation
@@ -156,6 +162,11 @@ class MMoENetwork(nn.Module):
         experts = self.experts(h)  # (X, B, H)
         mixed = torch.einsum("bx,xbh->bh", self.gates(h, domain), experts)  # (B, H): f^k(x)
         return self.tower(mixed, domain)  # (B,)
+
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """``{"domain": [...]}``: every domain's gate and tower, read with row-sparse
+        gradients; the training loop updates them lazily (the batch's domains only)."""
+        return {"domain": [self.gate_weight, self.gate_bias, *self.tower_weights, *self.tower_biases]}
 
     def parameter_count_by_part(self) -> dict[str, int]:
         """Parameters by part: ``experts`` (independent of P), ``gates`` (``P X (E_in +

@@ -23,7 +23,8 @@ __all__ = ["STAR", "MMoE"]
 
 
 class _DomainModel(nn.Module):
-    """Embedding and domain-slot bookkeeping shared by :class:`STAR` and :class:`MMoE`."""
+    """Embedding, domain-slot bookkeeping and the per-domain parameter roles shared by
+    :class:`STAR`, :class:`MMoE` and :class:`MAML`."""
 
     def __init__(self, cfg: Any, spec: Any, dense: nn.Module | None) -> None:
         super().__init__()
@@ -34,6 +35,12 @@ class _DomainModel(nn.Module):
         self.domain_index = self.embedding.field_index(cfg.domain_field)
         self.num_domains = spec[cfg.domain_field].vocab_size
         self.in_dim = self.embedding.num_fields * cfg.embedding_dim
+
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The network's per-domain parameters as role ``domain`` (lazy updates); none
+        for MAML (no per-domain parameters) and for a folded network."""
+        roles = getattr(getattr(self, "net", None), "parameter_roles", None)
+        return roles() if callable(roles) else {}
 
 
 class STAR(_DomainModel):
@@ -54,11 +61,6 @@ class STAR(_DomainModel):
         """``x (B, S)`` int64 -> logits ``(B,)``."""
         emb = self.embedding(x)  # (B, F, D)
         return self.net(emb.flatten(1), x[:, self.domain_index], emb[:, self.domain_index])
-
-    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
-        """The network's per-domain parameters as role ``domain`` (lazy updates)."""
-        roles = getattr(self.net, "parameter_roles", None)  # a folded network has none
-        return roles() if callable(roles) else {}
 
 
 class MMoE(_DomainModel):
