@@ -4,13 +4,16 @@
 # repository root:  bash benchmarks/gpu_session.sh OUT_DIR
 #
 # It expects, beside the tracked source (prepared here with a local `kedro run`):
-#   .whl/          Optuna and its dependencies (+ deepctr-torch) as wheels for the
-#                  machine's Python, when the machine lacks them
+#   .whl/          Optuna and its dependencies (+ deepctr-torch), and Kedro 1.7 with the
+#                  dependencies the machine lacks (stage kedro), as wheels for the
+#                  machine's Python (docs/gpu/README.md lists them)
 #   .gpu/suite/    `python benchmarks/suite_on_device.py export --to .gpu/suite`
 #   data/05_model_input/movielens_latest/   the encoded data the throughput benchmark reads
 # Writes to OUT_DIR: env_and_tests.log, pytest_gpu.log, throughput.log, throughput.jsonl,
-# train_loop.json, profile.json, suite_cuda.json, table5.log (the device tool's limit is 8). STAGES="tests throughput" (say)
-# runs a subset; T_* set each stage's time limit in seconds.
+# train_loop.json, profile.json, suite_cuda.json, table5.log, and with stage kedro kedro.log
+# and kedro_<suite>_summary.json. STAGES="tests throughput" (say) runs a subset (the
+# default leaves kedro out: it writes the pipeline's data); T_* set each stage's time limit
+# in seconds; KEDRO_PIPELINES names what `kedro run` runs (default data,apg).
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
@@ -20,6 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 T_TESTS_CUDA=${T_TESTS_CUDA:-90} T_TESTS=${T_TESTS:-150} T_TP=${T_TP:-160} T_SUITE=${T_SUITE:-70} T_T5=${T_T5:-25}
+T_KEDRO=${T_KEDRO:-240} KEDRO_PIPELINES=${KEDRO_PIPELINES:-data,apg}
 STAGES=${STAGES:-"tests throughput suite table5"}  # a subset reruns only those
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -46,6 +50,7 @@ NO_KEDRO="--ignore tests/training/test_workers.py"  # it runs `kedro run`
 want throughput || T_TP=0
 want suite || T_SUITE=0
 want table5 || T_T5=0
+want kedro || T_KEDRO=0
 
 [ "$T_TP" -gt 0 ] && stage "throughput" | tee "$OUT_DIR/throughput.log" &&
 timeout "$T_TP" python3 benchmarks/train_throughput.py --device cuda --budget-s $((T_TP - 50)) --quiet 0 --out "$OUT_DIR" 2>&1 \
@@ -58,4 +63,17 @@ timeout "$T_SUITE" python3 benchmarks/suite_on_device.py train --from .gpu/suite
 [ "$T_T5" -gt 0 ] && stage "APG Table 5 on the GPU" | tee "$OUT_DIR/table5.log" &&
 timeout "$T_T5" python3 benchmarks/apg_table5.py --device cuda --max-hidden-mb 8192 --repeats 5 --no-memory --quiet 0 2>&1 \
   | tee -a "$OUT_DIR/table5.log" | tail -30
+# the pipeline itself, through Kedro, on the GPU (training.device auto picks CUDA); its
+# versioned summaries come back as kedro_<suite>_summary.json
+if [ "$T_KEDRO" -gt 0 ]; then
+  stage "kedro run --pipelines $KEDRO_PIPELINES" | tee "$OUT_DIR/kedro.log"
+  timeout "$T_KEDRO" python3 -m kedro run --pipelines "$KEDRO_PIPELINES" >>"$OUT_DIR/kedro.log" 2>&1
+  status=$?
+  echo "kedro run exit status: $status (124: cut at ${T_KEDRO}s)" | tee -a "$OUT_DIR/kedro.log"
+  grep -E "Completed [0-9]+ out of|cuda|ERROR|Error" "$OUT_DIR/kedro.log" | tail -15
+  for suite_dir in data/08_reporting/*/*/summary.json; do  # versioned: the newest version of each
+    newest=$(ls -d "$suite_dir"/*/summary.json 2>/dev/null | sort | tail -1)
+    [ -n "$newest" ] && cp "$newest" "$OUT_DIR/kedro_$(basename "$(dirname "$suite_dir")")_summary.json"
+  done
+fi
 stage "done"
