@@ -125,6 +125,20 @@ def test_gradients_reach_shared_experts_and_only_present_domains():
         torch.testing.assert_close(dense, p.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_without_lazy_domains_the_gradients_are_dense_and_equal():
+    """``lazy_domains=False``: the same outputs, dense gradients equal to the sparse ones
+    summed out, and no ``domain`` role (plain Adam, DDP and CUDA graphs take them)."""
+    lazy, dense = _net(), _net(lazy_domains=False)
+    h, domain = _inputs(DOMAINS)
+    torch.testing.assert_close(dense(h, domain), lazy(h, domain), rtol=0, atol=0)
+    lazy(h, domain).square().sum().backward()
+    dense(h, domain).square().sum().backward()
+    assert dense.parameter_roles() == {} and lazy.parameter_roles()["domain"]
+    for (name, p), q in zip(lazy.named_parameters(), dense.parameters()):
+        assert not q.grad.is_sparse, name
+        torch.testing.assert_close(p.grad.to_dense() if p.grad.is_sparse else p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_a_few_adam_steps_lower_the_loss():
     """Tiny problem whose label rule differs by domain (the sign of one input flips)."""
     g = torch.Generator().manual_seed(3)

@@ -76,6 +76,7 @@ def test_a_fine_domain_partition_is_any_categorical_field(spec):
     ({"family": "star", "adasparse": {}}, "adasparse: family 'star'"),
     ({"family": "wdl", "star": {}}, "only family 'star'"),
     ({"family": "mmoe", "mmoe": {"num_experts": 0}}, "mmoe.num_experts"),
+    ({"family": "mmoe", "mmoe": {"lazy_domains": "yes"}}, "mmoe.lazy_domains"),
     ({"family": "maml", "maml": {"inner_lr": 0}}, "maml.inner_lr"),
 ])
 def test_bad_multidomain_configs_name_the_key(spec, overrides, message):

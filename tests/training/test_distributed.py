@@ -258,6 +258,8 @@ def test_refused_before_any_communication(splits, builder, spec, tmp_path: Path)
             cfg,
             world=world,
         )
+    with pytest.raises(ValueError, match=r"model MMoE has parameters with sparse gradients.*mmoe.lazy_domains"):
+        train(build_model({"family": "mmoe", **small}, domain_spec), train_data, valid_data, cfg, world=world)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train(builder({}, spec), train_data, valid_data, cfg, world=world, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="divisible by the world size 2"):

@@ -339,16 +339,21 @@ class StarConfig:
 class MMoEConfig:
     """MMoE (Ma et al., KDD 2018; ``models/mmoe.py``) with one gate and one tower per
     domain: ``num_experts`` shared experts of widths ``expert_units``, towers of
-    ``tower_units``."""
+    ``tower_units``. ``lazy_domains``: the gates and towers are read with row-sparse
+    gradients and updated lazily, the batch's domains only (what the fine grain, a gate and
+    a tower per item, needs); False gives them dense gradients and Adam, which data-parallel
+    training and CUDA graphs need."""
 
     num_experts: int = 4
     expert_units: tuple[int, ...] = (128, 64)
     tower_units: tuple[int, ...] = (32,)
+    lazy_domains: bool = True
 
     def __post_init__(self) -> None:
         _check_int("mmoe.num_experts", self.num_experts, 1)
         _check_units("mmoe.expert_units", self.expert_units)
         _check_units("mmoe.tower_units", self.tower_units)
+        _check_bool("mmoe.lazy_domains", self.lazy_domains)
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,13 @@ for the first layer, one ``bmm`` per further layer). Each sample's gate and towe
 weights are gathered by its domain: ``(B, X, E_in)`` for the gates and ``(B, N, M)`` per
 tower layer, so work and memory grow with B (``B * (X E_in + sum N M)`` numbers), never
 with ``B * P``; gates and towers are small, so the gather is cheaper than grouping.
-The gathers' gradients are row-sparse (``layers.rows_with_sparse_grad``): the gates and
-towers are parameter role ``domain`` (:meth:`MMoENetwork.parameter_roles`), which the
-training loop updates lazily, the batch's domains only. At the fine grain (a domain per
-item, P in the thousands) a dense Adam step over every domain's gate and tower would
-cost more than the rest of the step (docs/benchmarks.md §6).
+With ``lazy_domains`` (the default) the gathers' gradients are row-sparse
+(``layers.rows_with_sparse_grad``) and the gates and towers are parameter role ``domain``
+(:meth:`MMoENetwork.parameter_roles`), which the training loop updates lazily, the
+batch's domains only: at the fine grain (a domain per item, P in the thousands) a dense
+Adam step over every domain's gate and tower costs more than the rest of the step
+(docs/benchmarks.md §6). Without it they are ordinary dense parameters, as data-parallel
+training (no sparse all-reduce) and CUDA graphs (no lazy optimiser) need.
 
 Choices where the paper is silent:
 
@@ -89,6 +91,8 @@ class MMoENetwork(nn.Module):
         expert_units: the experts' layer widths (at least one; H is the last).
         tower_units: hidden widths of each tower (may be empty: a linear tower).
         dropout: after each hidden ReLU of the experts and towers, in ``[0, 1)``.
+        lazy_domains: read the gates and towers with row-sparse gradients (role
+            ``domain``, lazy updates); False: dense gradients.
 
     Example::
 
@@ -106,6 +110,7 @@ class MMoENetwork(nn.Module):
         expert_units: Sequence[int] = (128, 64),
         tower_units: Sequence[int] = (32,),
         dropout: float = 0.0,
+        lazy_domains: bool = True,
     ) -> None:
         super().__init__()
         dims = (("in_dim", in_dim), ("num_domains", num_domains), ("num_experts", num_experts))
@@ -126,10 +131,16 @@ class MMoENetwork(nn.Module):
             num_domains, [expert_units[-1], *tower_units, 1]
         )
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lazy_domains = bool(lazy_domains)
 
     def check_inputs(self, h: Tensor, domain: Tensor) -> None:
         """ValueError on wrong shapes, a non-integer ``domain`` or an id outside ``[0, P)``."""
         check_domain_input(h, domain, self.in_dim, self.num_domains)
+
+    def _rows(self, table: Tensor, domain: Tensor) -> Tensor:
+        """``table[domain]``: each row's own slice of a per-domain table, its gradient
+        row-sparse with ``lazy_domains``."""
+        return rows_with_sparse_grad(table, domain) if self.lazy_domains else table[domain]
 
     def experts(self, h: Tensor) -> Tensor:
         """``h (B, E_in)`` -> every expert's output ``(X, B, H)``."""
@@ -142,15 +153,15 @@ class MMoENetwork(nn.Module):
     def gates(self, h: Tensor, domain: Tensor) -> Tensor:
         """``h (B, E_in)``, ``domain (B,)`` -> each row's gate of its domain ``(B, X)``
         (softmax: non-negative, rows sum to 1)."""
-        w = rows_with_sparse_grad(self.gate_weight, domain)  # (B, X, E_in)
-        logits = torch.einsum("bxm,bm->bx", w, h) + rows_with_sparse_grad(self.gate_bias, domain)  # (B, X)
+        w = self._rows(self.gate_weight, domain)  # (B, X, E_in)
+        logits = torch.einsum("bxm,bm->bx", w, h) + self._rows(self.gate_bias, domain)  # (B, X)
         return torch.softmax(logits, dim=1)
 
     def tower(self, x: Tensor, domain: Tensor) -> Tensor:
         """``x (B, H)``, ``domain (B,)`` -> each row's own tower's logit ``(B,)``."""
         last = len(self.tower_weights) - 1
         for i, (w, b) in enumerate(zip(self.tower_weights, self.tower_biases)):
-            w_rows, b_rows = rows_with_sparse_grad(w, domain), rows_with_sparse_grad(b, domain)  # (B, N, M), (B, N)
+            w_rows, b_rows = self._rows(w, domain), self._rows(b, domain)  # (B, N, M), (B, N)
             x = torch.baddbmm(b_rows.unsqueeze(2), w_rows, x.unsqueeze(2)).squeeze(2)  # (B, N)
             if i < last:
                 x = self.dropout(torch.relu(x))
@@ -165,7 +176,10 @@ class MMoENetwork(nn.Module):
 
     def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
         """``{"domain": [...]}``: every domain's gate and tower, read with row-sparse
-        gradients; the training loop updates them lazily (the batch's domains only)."""
+        gradients; the training loop updates them lazily (the batch's domains only). None
+        without ``lazy_domains``."""
+        if not self.lazy_domains:
+            return {}
         return {"domain": [self.gate_weight, self.gate_bias, *self.tower_weights, *self.tower_biases]}
 
     def parameter_count_by_part(self) -> dict[str, int]:

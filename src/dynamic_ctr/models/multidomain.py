@@ -72,7 +72,7 @@ class MMoE(_DomainModel):
         m = cfg.mmoe
         self.net = MMoENetwork(
             self.in_dim, self.num_domains, num_experts=m.num_experts, expert_units=m.expert_units,
-            tower_units=m.tower_units, dropout=cfg.dropout,
+            tower_units=m.tower_units, dropout=cfg.dropout, lazy_domains=m.lazy_domains,
         )
 
     def forward(self, x: Tensor) -> Tensor:

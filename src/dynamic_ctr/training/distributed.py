@@ -211,7 +211,7 @@ class World:
                 f"model {name} has parameters with sparse gradients {sparse[:4]}"
                 f"{' ...' if len(sparse) > 4 else ''} (e.g. STAR's per-domain weights, "
                 "role 'domain'): DDP cannot all-reduce them (NCCL has no sparse all-reduce); "
-                "train it in one process"
+                "train it in one process (MMoE: or set mmoe.lazy_domains: false)"
             )
         if checkpoint_dir is not None:
             raise ValueError(
