@@ -133,8 +133,8 @@ def test_the_full_set_trains_every_variant(project: Path) -> None:
     """`kedro run --params training.variant_set=full` on the tiny data: the variants left
     out of the default run (full_only) train, fold and report like the others."""
     with KedroSession.create(project_path=project, env="tiny", runtime_params={**SMOKE, "training": {**SMOKE["training"], "variant_set": "full"}}) as session:
-        session.run(pipeline_names=["apg", "dynint"])
-    for suite in ("apg", "dynint"):
+        session.run(pipeline_names=["apg", "dynint", "multidomain"])
+    for suite in ("apg", "dynint", "multidomain"):
         _check_suite_report(project, "tiny", suite, "full")
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynamic_ctr.pipelines.planning.nodes import SuitePlanError, deep_merge, plan_suite, resolve_roles
+from dynamic_ctr.pipelines.planning.nodes import (
+    FULL_ONLY_REASON,
+    SuitePlanError,
+    deep_merge,
+    plan_suite,
+    resolve_roles,
+)
 from dynamic_ctr.pipelines.suite import suite_variant_names
 from dynamic_ctr.spec import FeatureSpec
 
@@ -222,12 +228,17 @@ def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> Non
     with_domains = tiny[0].with_field(FieldSpec("domain", "categorical", vocab_size=9, source="domain"), domain_field="domain")
     variants = plan_suite({**with_domains.to_dict(), "context_field": "hour"}, TRAINING, suite, suite="multidomain",
                           registered=names)["variants"]
-    assert all(v["status"] == "ready" for v in variants.values())
+    assert all(v["status"] == "ready" for n, v in variants.items() if n != "star_item")
+    assert variants["star_item"] == {"status": "not_applicable", "reason": FULL_ONLY_REASON, "compare_to": "md_dnn"}
     assert variants["star"]["model"]["domain_field"] == "domain" and variants["star"]["model"]["hidden_units"] == [128, 64, 32]
     assert variants["dnn_adasparse"]["model"]["adasparse"]["fields"] == ["domain"]
     assert variants["dnn_apg_item"]["model"]["apg"]["condition"]["fields"] == ["item"]
     assert variants["mmoe_item"]["model"]["domain_field"] == "item" and variants["mmoe"]["model"]["domain_field"] == "domain"
-    formulations = {n: v["model"]["adasparse"]["formulation"] for n, v in variants.items() if "adasparse" in v["model"]}
+    full = plan_suite({**with_domains.to_dict(), "context_field": "hour"}, {**TRAINING, "variant_set": "full"}, suite,
+                      suite="multidomain", registered=names)["variants"]
+    assert full["star_item"]["status"] == "ready" and full["star_item"]["model"]["domain_field"] == "item"
+    formulations = {n: v["model"]["adasparse"]["formulation"] for n, v in variants.items()
+                    if "adasparse" in v.get("model", {})}
     assert set(formulations.values()) == {"binarization", "scaling", "fusion"}
     assert all(variants[n]["compare_to"] in ("md_dnn", "md_dcnv2") for n in formulations)
     # without a domain field the plan stops before training, naming every variant that needs one
@@ -236,7 +247,6 @@ def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> Non
 
 
 def test_full_only_variants_are_checked_but_left_out_of_the_default_set(spec) -> None:
-    from dynamic_ctr.pipelines.planning.nodes import FULL_ONLY_REASON, SuitePlanError, plan_suite
 
     training = TRAINING
     suite = {"defaults": {"model": {"family": "wdl", "embedding_dim": 4, "hidden_units": [8], "dropout": 0.0}},
