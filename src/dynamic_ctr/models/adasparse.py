@@ -280,6 +280,9 @@ class AdaSparseTower(nn.Module):
 
         self.in_dim, self.hidden_units = in_dim, tuple(hidden_units)
         self.domain_fields, self.embedding_dim = tuple(domain_fields), embedding_dim
+        first, count = domain_fields[0], len(domain_fields)
+        # adjacent fields in increasing order are read as one slice of emb (domain_embedding)
+        self._adjacent_fields = slice(first, first + count) if domain_fields == list(range(first, first + count)) else None
         self.formulation, self.pruner_input = formulation, pruner_input
         self.beta, self.epsilon = float(beta), float(epsilon)
         self.alpha_start, self.alpha_max, self.anneal_steps = float(alpha_start), float(alpha_max), anneal_steps
@@ -335,9 +338,8 @@ class AdaSparseTower(nn.Module):
                 f"emb must be (B, F, {self.embedding_dim}) with F > max(domain_fields)="
                 f"{max(self.domain_fields)}, got {tuple(emb.shape)}"
             )
-        first, count = self.domain_fields[0], len(self.domain_fields)
-        if self.domain_fields == tuple(range(first, first + count)):  # adjacent fields: a view, no copy
-            return emb[:, first:first + count].flatten(1)  # (B, C)
+        if self._adjacent_fields is not None:  # a view, no copy
+            return emb[:, self._adjacent_fields].flatten(1)  # (B, C)
         return emb[:, list(self.domain_fields)].flatten(1)  # (B, C)
 
     def _pruner_logits(self, layer: int, e_d: Tensor, h: Tensor) -> Tensor:
