@@ -356,7 +356,9 @@ def _sparse_steps(opt_cls, steps: int = 6, **kwargs) -> tuple[list[torch.Tensor]
     return [table.detach(), rows.detach()], opt.state_dict()
 
 
-def test_lazy_adam_equals_sparse_adam():
+@pytest.mark.parametrize("in_place_from", [0, 10**9], ids=["rows-in-place", "rows-gathered"])
+def test_lazy_adam_equals_sparse_adam(in_place_from, monkeypatch):
+    monkeypatch.setattr(LazyAdam, "in_place_from", in_place_from)
     kwargs = {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6}
     ours, ours_state = _sparse_steps(LazyAdam, **kwargs)
     torchs, torch_state = _sparse_steps(torch.optim.SparseAdam, **kwargs)
@@ -368,11 +370,13 @@ def test_lazy_adam_equals_sparse_adam():
             torch.testing.assert_close(ours_state["state"][key][name], state[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_place_from", [0, 10**9], ids=["rows-in-place", "rows-gathered"])
 @pytest.mark.parametrize("flagged", [True, False])
-def test_lazy_adam_reads_distinct_ascending_rows_without_coalescing(flagged, monkeypatch):
+def test_lazy_adam_reads_distinct_ascending_rows_without_coalescing(flagged, in_place_from, monkeypatch):
     """STAR's per-domain rows arrive distinct and ascending (autograd drops the coalesced
     flag): they are read as they are; only other gradients are coalesced. Row counts that
     grow and shrink between steps reuse the scratch buffer, which is not state."""
+    monkeypatch.setattr(LazyAdam, "in_place_from", in_place_from)
     coalesced = []
     original = torch.Tensor.coalesce
     monkeypatch.setattr(torch.Tensor, "coalesce", lambda t: coalesced.append(t._nnz()) or original(t))

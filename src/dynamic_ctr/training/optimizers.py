@@ -62,7 +62,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam as functional_adam
 
 __all__ = ["FTRL", "OPTIMIZERS", "CombinedOptimizer", "GroupFTRL", "LazyAdam"]
 
@@ -339,14 +338,21 @@ class LazyAdam(torch.optim.Optimizer):
 
     the same values as SparseAdam up to float rounding (tested), and the same state
     (``step``, ``exp_avg``, ``exp_avg_sq``). SparseAdam builds sparse tensors for every
-    intermediate and adds them into the dense state; here the listed rows of the weights
-    and both moments are gathered into a buffer this optimiser keeps (reused from step
-    to step: a fresh multi-megabyte tensor each step costs page faults), updated by
-    torch's fused Adam kernel (one pass; SparseAdam's rule is Adam's with
-    ``eps / sqrt(1 - beta2^t)``) and written back, seven passes over the listed rows.
-    The buffer is scratch, not state: ``state_dict`` does not hold it.
-    ``benchmarks/multidomain_step.py`` times both on STAR's per-domain rows
-    (docs/benchmarks.md §6), where the optimiser is a large part of a step.
+    intermediate and adds them into the dense state; here torch's fused Adam kernel
+    (SparseAdam's rule is Adam's with ``eps / sqrt(1 - beta2^t)``) updates the listed rows
+    in one pass, in one of two ways chosen by the size of a row:
+
+    - rows of at least ``in_place_from`` numbers (STAR's per-domain weight matrices) are
+      handed to the kernel as views of the weights and moments, one tensor per row, and
+      updated where they lie: one pass over the rows;
+    - smaller rows (embedding rows, biases, gates) are gathered into a buffer this
+      optimiser keeps (reused from step to step: a fresh multi-megabyte tensor each step
+      costs page faults), updated there and written back, seven passes over the rows but
+      one kernel call, where a call per row would cost more than the passes.
+      The buffer is scratch, not state: ``state_dict`` does not hold it.
+
+    ``benchmarks/multidomain_step.py`` times this against SparseAdam on STAR's per-domain
+    rows (docs/benchmarks.md §6), where the optimiser is a large part of a step.
 
     Args:
         params: parameters (or groups) whose gradients are sparse with one sparse
@@ -364,6 +370,13 @@ class LazyAdam(torch.optim.Optimizer):
         _check_adam(lr, betas, eps)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self._scratch: dict[Tensor, Tensor] = {}  # parameter -> (3, rows, *row shape)
+
+    #: Rows of at least this many numbers are updated in place, one kernel tensor per row.
+    #: The fused kernel costs a few microseconds per tensor, the gather-and-write-back six
+    #: more passes over the rows: on the 2-core host of docs/benchmarks.md §6, 292 rows
+    #: of 2,048 numbers were updated faster gathered, of 4,096 faster in place (8.6 -> 6.2
+    #: ms), and STAR's 16K/8K/2K rows 2.2x faster in place (29 -> 13 ms).
+    in_place_from: int = 4096
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, checking the group's values."""
@@ -397,15 +410,25 @@ class LazyAdam(torch.optim.Optimizer):
                 if len(rows) == 0:
                     continue
                 tables = (p, state["exp_avg"], state["exp_avg_sq"])
-                weights, m, v = self._gather(p, rows, tables)
                 t = state["step"]
-                functional_adam(  # steps t - 1 -> t inside
-                    [weights], [g], [m], [v], [], [torch.tensor(float(t - 1), device=p.device)], fused=True,
-                    amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
-                    eps=eps / math.sqrt(1 - beta2**t), maximize=False,
+                in_place = p[0].numel() >= self.in_place_from
+                if in_place:
+                    listed = rows.tolist()
+                    weights, m, v = ([table[r] for r in listed] for table in tables)
+                    grads = list(g.unbind(0))
+                else:
+                    weights, m, v = ([gathered] for gathered in self._gather(p, rows, tables))
+                    grads = [g]
+                # torch's fused Adam kernel (what Adam(fused=True) calls) with one step tensor per
+                # updated tensor, already at t (Adam's wrapper adds the 1 in one more launch)
+                steps = list(torch.full((len(grads),), float(t), device=p.device).unbind(0))
+                torch._fused_adam_(
+                    weights, grads, m, v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                    eps=eps / math.sqrt(1 - beta2**t), amsgrad=False, maximize=False,
                 )  # fmt: skip
-                for table, updated in zip(tables, (weights, m, v), strict=True):
-                    table.index_copy_(0, rows, updated)
+                if not in_place:
+                    for table, (updated,) in zip(tables, (weights, m, v), strict=True):
+                        table.index_copy_(0, rows, updated)
         return loss
 
     def _gather(self, p: Tensor, rows: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
