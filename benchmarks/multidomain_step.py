@@ -45,6 +45,7 @@ Needs torch only; from a source checkout::
 
     python benchmarks/multidomain_step.py
     python benchmarks/multidomain_step.py --domains 10,1000 --repeats 5
+    python benchmarks/multidomain_step.py --device cuda   # on a GPU (gpu_session.sh, stage multidomain)
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ class DomainFactorFloor(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         _, inverse = torch.unique(self.domain_ids, return_inverse=True)
-        first = torch.empty(int(inverse.max()) + 1, dtype=torch.long).scatter_(0, inverse, torch.arange(len(h)))
+        first = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=h.device).scatter_(
+            0, inverse, torch.arange(len(h), device=h.device)
+        )
         rows = emb[:, self.domain_field].detach().index_select(0, first)  # (U, D): e_d per distinct domain
         factors = self.pruner(rows).index_select(0, inverse).split(self.widths, dim=1)
         for linear, act, pi in zip(self.tower.linears, self.tower.acts, factors):
@@ -117,14 +120,21 @@ def make_spec(domains: int) -> FeatureSpec:
 
 
 def make_batch(
-    spec: FeatureSpec, domains: int, batch: int, gen: torch.Generator, present: int | None = None
+    spec: FeatureSpec,
+    domains: int,
+    batch: int,
+    gen: torch.Generator,
+    present: int | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch whose domain ids follow Zipf(1.1) over the P domains (over the ``present``
-    most frequent ones only, if given)."""
+    most frequent ones only, if given), drawn on the CPU (the same rows on every device)
+    and moved to ``device``."""
     x = torch.randint(2, 1000, (batch, len(spec.fields)), generator=gen)
     zipf = 1.0 / torch.arange(1, (present or domains) + 1, dtype=torch.float64) ** 1.1
     x[:, -1] = 2 + torch.multinomial(zipf, batch, replacement=True, generator=gen)
-    return x, torch.randint(0, 2, (batch,), generator=gen).float()
+    y = torch.randint(0, 2, (batch,), generator=gen).float()
+    return x.to(device), y.to(device)
 
 
 @dataclass
@@ -147,14 +157,15 @@ def make_case(
     many distinct domains (the case is then named ``<name>@<present>``)."""
     spec = make_spec(domains)
     gen = torch.Generator().manual_seed(present or domains)
-    x, y = make_batch(spec, domains, args.batch, gen, present)
-    model = build_model({**CONTENDERS[name], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
+    x, y = make_batch(spec, domains, args.batch, gen, present, device)
+    model = build_model({**CONTENDERS[name], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec)
+    model = model.to(device).train()
     if name == "star-bmm":
         model.net.matmul_form = "per_sample"
     if name == "eq2-floor":
         with torch.no_grad():
             plain = model(x)
-        model.dense = floor = DomainFactorFloor(model.dense, len(spec.fields) - 1, 16)
+        model.dense = floor = DomainFactorFloor(model.dense, len(spec.fields) - 1, 16).to(device)
         model.register_forward_pre_hook(lambda _, inputs: setattr(floor, "domain_ids", inputs[0][:, -1]))
         with torch.no_grad():  # factors of 1: the DNN's own outputs
             assert torch.equal(model(x), plain), "eq2-floor at its initial factors differs from the DNN"
@@ -184,8 +195,9 @@ def optimiser_cases(domains: int, args: argparse.Namespace, device: torch.device
     """One step of SparseAdam and of LazyAdam on STAR's per-domain rows, with the sparse
     gradients of one batch (the same gradients every step)."""
     spec = make_spec(domains)
-    x, y = make_batch(spec, domains, args.batch, torch.Generator().manual_seed(domains))
-    model = build_model({**CONTENDERS["star"], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec).train()
+    x, y = make_batch(spec, domains, args.batch, torch.Generator().manual_seed(domains), device=device)
+    model = build_model({**CONTENDERS["star"], "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0}, spec)
+    model = model.to(device).train()
     nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
     roles = parameter_roles(model)
     lazy = [p for p in model.parameters() if roles.get(id(p)) == LAZY_ROLE]
@@ -207,7 +219,8 @@ def serving_cases(args: argparse.Namespace, device: torch.device) -> tuple[Case,
     """The masked and the pruned AdaSparse model of one domain at 25% sparsity."""
     spec = make_spec(100)
     model = build_model({"family": "dnn", "embedding_dim": 16, "hidden_units": HIDDEN, "seed": 0,
-                         "adasparse": {"formulation": "binarization", "pruner_input": "domain"}}, spec).eval()
+                         "adasparse": {"formulation": "binarization", "pruner_input": "domain"}}, spec)
+    model = model.to(device).eval()
     tower = model.dense
     with torch.no_grad():
         tower.alpha.fill_(5.0)  # annealed: the paper's upper limit
@@ -218,7 +231,7 @@ def serving_cases(args: argparse.Namespace, device: torch.device) -> tuple[Case,
             pruner.weight.zero_()
             pruner.bias.fill_(10.0)
             pruner.bias[pruned] = -10.0
-    x, _ = make_batch(spec, 1, args.batch, torch.Generator().manual_seed(1))  # one domain: id 2
+    x, _ = make_batch(spec, 1, args.batch, torch.Generator().manual_seed(1), device=device)  # one domain: id 2
     x[:, -1] = 2
     e_d = tower.domain_embedding(model.embedding(x[:1]))[0]
     served = copy.deepcopy(model)
@@ -244,6 +257,7 @@ def serving_cases(args: argparse.Namespace, device: torch.device) -> tuple[Case,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: every model, batch and optimiser on the GPU")
     parser.add_argument("--domains", default="10,100,1000", help="comma-separated P")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of {', '.join(CONTENDERS)} (dnn, the floor, is always run)")
@@ -255,7 +269,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     flush_denormals()  # as the pipeline's training and evaluation do (see its docstring)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     sizes = [int(v) for v in args.domains.split(",") if v.strip()]
     names = ["dnn", *(n for n in CONTENDERS if n != "dnn" and n in args.contenders.split(","))]
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "multidomain_step.py"
 
 
@@ -39,3 +42,21 @@ def test_contenders_subset_and_unknown_names():
     done = subprocess.run([sys.executable, str(SCRIPT), "--contenders", "stra"], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 2 and "unknown ['stra']" in done.stderr
+
+
+def test_device_cuda_without_a_gpu_is_refused_by_name():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: test_on_cuda runs the script there")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and "--device cuda: no CUDA device" in done.stderr
+
+
+@pytest.mark.cuda
+def test_on_cuda():
+    """Every contender, the optimisers and the serving check with models and batches on the GPU."""
+    out = _run("--domains", "3,6", "--device", "cuda")
+    assert "GPU" in out.splitlines()[0]  # the machine line names the device
+    for name in ("dnn", "star", "mmoe", "adasparse-domain", "eq2-floor"):
+        assert f"| 6 | {name} |" in out, name
+    assert "serving check: pruned == masked" in out
