@@ -21,8 +21,9 @@ MODELS = [
     small_config(family="dcnv2", adasparse={"formulation": "fusion", "pruner_input": "domain"}),
     small_config(family="wdl", adasparse={"formulation": "scaling"}, dropout=0.2, batch_norm=True),
     small_config(family="maml", maml={"inner_lr": 0.3}),
+    small_config(family="maml", maml={"inner_lr": 0.3, "fast_weights": "tower"}),
 ]
-IDS = ["star", "mmoe", "dnn_adasparse", "dcnv2_adasparse", "wdl_adasparse", "maml"]
+IDS = ["star", "mmoe", "dnn_adasparse", "dcnv2_adasparse", "wdl_adasparse", "maml", "maml_tower"]
 
 
 @pytest.mark.parametrize("config", MODELS, ids=IDS)
@@ -183,3 +184,136 @@ def test_maml_trains_through_the_loop_and_validates_adapted(spec, big_batch):
     model = build_model(small_config(family="maml"), spec)
     result = train(model, data, data, TrainConfig(max_epochs=2, batch_size=16, progress=False))
     assert bool(result.model.adapted) and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+
+
+# ----------------------------------------------------------- MAML, the whole tower adapted
+
+TOWER = {"inner_lr": 0.5, "fast_weights": "tower"}
+
+
+def _maml_tower(spec, inner_lr=0.5):
+    config = small_config(family="maml", maml={**TOWER, "inner_lr": inner_lr})
+    return perturb(build_model(config, spec)).double()
+
+
+def _functional_logits(model, h, params):
+    """The tower and head at ``params`` (weights then biases, as ``_fast_parameters``)."""
+    n = len(params) // 2
+    acts = [*model.dense.acts, None]
+    for weight, bias, act in zip(params[:n], params[n:], acts, strict=True):
+        h = h @ weight.T + bias
+        h = act(h) if act is not None else h
+    return h.squeeze(1)
+
+
+def _one_domain_only_in_the_query(spec, batch):
+    """The batch with domain 0 on row 1 (a query row) alone."""
+    x = batch.clone()
+    slot = 2  # the domain slot (categorical fields first)
+    x[x[:, slot] == 0, slot] = 1
+    x[1, slot] = 0
+    return x
+
+
+def test_maml_tower_meta_loss_is_first_order_maml_per_domain(spec, big_batch):
+    """Against a loop: per domain, one SGD step of every linear map of the tower and the head
+    on its support rows' mean BCE (autograd), then its query rows' BCE at the adapted maps;
+    a domain without support rows keeps the shared maps; first order: each shared map's
+    gradient is the sum over domains of the query loss's gradient at that domain's maps."""
+    model = _maml_tower(spec).train()
+    x = _one_domain_only_in_the_query(spec, big_batch)
+    y = torch.randint(0, 2, (x.shape[0],), generator=torch.Generator().manual_seed(0)).double()
+    loss = model.meta_loss(x, y)
+    shared = model._fast_parameters()
+    grads = torch.autograd.grad(loss, shared)
+
+    h = model.embedding(x).flatten(1).detach()
+    domain = x[:, model.domain_index]
+    support = torch.arange(len(y)) % 2 == 0
+    theta = [p.detach() for p in shared]
+    per_domain, total = {}, 0.0
+    for d in domain[~support].unique().tolist():
+        rows = support & (domain == d)
+        if rows.any():
+            leaves = [t.clone().requires_grad_() for t in theta]
+            inner = torch.nn.functional.binary_cross_entropy_with_logits(_functional_logits(model, h[rows], leaves), y[rows])
+            steps = torch.autograd.grad(inner, leaves)
+        else:
+            assert d == 0  # the query-only domain
+            steps = [torch.zeros_like(t) for t in theta]
+        per_domain[d] = [(t - 0.5 * s).requires_grad_() for t, s in zip(theta, steps, strict=True)]
+        q = ~support & (domain == d)
+        logits = _functional_logits(model, h[q], per_domain[d])
+        total = total + torch.nn.functional.binary_cross_entropy_with_logits(logits, y[q], reduction="sum")
+    expected = total / int((~support).sum())
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    fast = [torch.autograd.grad(expected, per_domain[d], retain_graph=True) for d in per_domain]
+    for i, grad in enumerate(grads):
+        torch.testing.assert_close(grad, sum(f[i] for f in fast), rtol=1e-8, atol=1e-12)
+    (g_emb,) = torch.autograd.grad(model.meta_loss(x, y), [next(model.embedding.parameters())])
+    assert g_emb.abs().sum() > 0  # the embeddings learn through the query rows' h
+
+
+def test_maml_tower_adapts_each_domain_on_its_rows_and_serves_it(spec, big_batch):
+    from dynamic_ctr.training.batching import TensorData
+
+    model = _maml_tower(spec, inner_lr=1.0).eval()
+    x = big_batch.clone()
+    x[x[:, 2] == 3, 2] = 2  # domain 3: no rows
+    y = torch.randint(0, 2, (x.shape[0],), generator=torch.Generator().manual_seed(1)).double()
+    shared_logits = model(x)
+    model.adapt(TensorData(x, y), batch_size=24)  # in chunks: sums over chunks, then the mean
+    h, domain = model.embedding(x).flatten(1).detach(), x[:, model.domain_index]
+    theta = [p.detach() for p in model._fast_parameters()]
+    n = len(theta) // 2
+    buffers = [getattr(model, f"adapted_weight_{i}") for i in range(n)] + [
+        getattr(model, f"adapted_bias_{i}") for i in range(n)
+    ]
+    expected_logits = torch.empty_like(shared_logits)
+    for d in range(model.num_domains):
+        rows = domain == d
+        if not rows.any():
+            for buffer, t in zip(buffers, theta, strict=True):
+                torch.testing.assert_close(buffer[d], t)  # the shared maps
+            continue
+        leaves = [t.clone().requires_grad_() for t in theta]
+        inner = torch.nn.functional.binary_cross_entropy_with_logits(_functional_logits(model, h[rows], leaves), y[rows])
+        adapted = [t - s for t, s in zip(theta, torch.autograd.grad(inner, leaves), strict=True)]
+        for buffer, a in zip(buffers, adapted, strict=True):
+            torch.testing.assert_close(buffer[d], a, rtol=1e-10, atol=1e-12)
+        expected_logits[rows] = _functional_logits(model, h[rows], adapted)
+    served = model(x)
+    assert not torch.allclose(served, shared_logits)
+    torch.testing.assert_close(served, expected_logits, rtol=1e-10, atol=1e-12)
+
+
+def test_maml_tower_trains_through_the_loop_and_round_trips(spec, big_batch, tmp_path):
+    from dynamic_ctr.training.batching import TensorData
+    from dynamic_ctr.training.loop import TrainConfig, train
+
+    y = torch.randint(0, 2, (big_batch.shape[0],), generator=torch.Generator().manual_seed(2)).float()
+    data = TensorData(big_batch, y)
+    config = small_config(family="maml", maml=TOWER)
+    result = train(build_model(config, spec), data, data, TrainConfig(max_epochs=2, batch_size=16, progress=False))
+    model = result.model.eval()
+    assert bool(model.adapted) and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+    rebuilt = build_model(model.config, spec)
+    rebuilt.load_state_dict(model.state_dict())  # the per-domain towers are saved with the model
+    torch.testing.assert_close(rebuilt.eval()(big_batch), model(big_batch))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"maml": {"fast_weights": "all"}}, "maml.fast_weights"),
+        ({"maml": TOWER, "batch_norm": True}, "batch_norm"),
+        ({"maml": TOWER, "apg": {"version": "v4", "rank": 2}}, "with apg the tower is not one"),
+        ({"maml": TOWER, "adasparse": ADASPARSE}, "with adasparse the tower is not one"),
+    ],
+)
+def test_maml_tower_settings_fail_in_the_config(spec, config, message):
+    """Checked by the config (so the suite's planning stops before any training)."""
+    from dynamic_ctr.models.config import resolve_config
+
+    with pytest.raises(ValueError, match=message):
+        resolve_config(small_config(family="maml", **config), spec)

@@ -61,6 +61,7 @@ DNN_ONLY_FAMILIES = ("dnn", "deepcrossing", "finalmlp")
 DOMAIN_FAMILIES = ("star", "mmoe", "maml")
 ADASPARSE_FORMULATIONS = ("binarization", "scaling", "fusion")
 PRUNER_INPUTS = ("domain_and_hidden", "domain")
+MAML_FAST_WEIGHTS = ("head", "tower")
 DYNINT_MODES = ("static", "da", "dgp", "dwp")
 APG_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 CONDITION_MODES = ("self", "group", "mix")
@@ -358,12 +359,21 @@ class MMoEConfig:
 
 @dataclass(frozen=True)
 class MAMLConfig:
-    """First-order MAML over domains (``models/multidomain.py``): the head's inner step."""
+    """First-order MAML over domains (``models/multidomain.py``).
+
+    Attributes:
+        inner_lr: the inner SGD step's size.
+        fast_weights: what each domain adapts: ``head`` (the prediction head, ANIL) or
+            ``tower`` (every linear map of the dense tower and the head; the embeddings
+            stay shared).
+    """
 
     inner_lr: float = 0.5
+    fast_weights: str = "head"
 
     def __post_init__(self) -> None:
         _check_float("maml.inner_lr", self.inner_lr, 0.0, low_open=True)
+        _check_choice("maml.fast_weights", self.fast_weights, MAML_FAST_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -656,6 +666,19 @@ class ModelConfig:
 
     def _check_family_settings(self) -> None:
         """The checks of a family block that need the rest of the config."""
+        tower_adapted = self.maml is not None and self.maml.fast_weights == "tower"
+        if tower_adapted and (self.apg is not None or self.adasparse is not None):
+            raise ValueError(
+                "maml.fast_weights='tower' adapts a plain tower of linear maps per domain; with "
+                f"{'apg' if self.apg is not None else 'adasparse'} the tower is not one: use "
+                "maml.fast_weights: head"
+            )
+        if tower_adapted and self.batch_norm:
+            raise ValueError(
+                "maml.fast_weights='tower' adapts each linear map of the tower per domain, and one "
+                "shared BatchNorm between them would normalise every domain's adapted maps with "
+                "the batch's mixed statistics: set batch_norm: false, or maml.fast_weights: head"
+            )
         if self.autoint is not None:
             dim = self.autoint.attention_dim or self.embedding_dim
             if dim % self.autoint.attention_heads:

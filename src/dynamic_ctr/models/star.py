@@ -98,6 +98,7 @@ __all__ = [
     "PartitionedNorm",
     "StarLinear",
     "StarNetwork",
+    "auto_grouped",
     "domain_linear",
     "group_domains",
     "grouped_kernel_fits",
@@ -146,6 +147,13 @@ def group_domains(domain: Tensor) -> DomainGroups:
 
 #: torch's grouped GEMM (``torch.nn.functional.grouped_mm``, torch >= 2.9); None before.
 _GROUPED_MM = getattr(nn.functional, "grouped_mm", None)
+
+
+def auto_grouped(groups: DomainGroups) -> bool:
+    """``matmul_form = "auto"``'s form for a batch (:func:`domain_linear`'s ``grouped``):
+    grouped on the CPU, and on an accelerator when the batch holds at most
+    :data:`GROUPED_MAX_DOMAINS` domains; per-sample gathered weights otherwise."""
+    return groups.ids.device.type == "cpu" or len(groups.sizes) <= GROUPED_MAX_DOMAINS
 
 
 def grouped_kernel_fits(x: Tensor, weight: Tensor) -> bool:
@@ -422,7 +430,7 @@ class StarNetwork(nn.Module):
         if self.matmul_form not in MATMUL_FORMS:
             raise ValueError(f"matmul_form={self.matmul_form!r} must be one of {MATMUL_FORMS}")
         if self.matmul_form == "auto":
-            return groups.ids.device.type == "cpu" or len(groups.sizes) <= GROUPED_MAX_DOMAINS
+            return auto_grouped(groups)
         return self.matmul_form == "grouped"
 
     def main_logit(self, h: Tensor, domain: Tensor) -> Tensor:
