@@ -206,6 +206,9 @@ ROLE_CASES = {
     "star_sparse_adam": ({"family": "star", "embedding_dim": 4, "hidden_units": [8]}, None),
     # MAML: adapt() before every validation writes the adapted heads (buffers)
     "maml_adapt": ({"family": "maml", "embedding_dim": 4, "hidden_units": [8], "maml": {"inner_lr": 0.3}}, None),
+    # MAML with the whole tower adapted: a tower per domain in buffers
+    "maml_tower_adapt": ({"family": "maml", "embedding_dim": 4, "hidden_units": [8],
+                          "maml": {"inner_lr": 0.1, "fast_weights": "tower"}}, None),
 }  # fmt: skip
 
 
