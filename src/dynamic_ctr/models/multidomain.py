@@ -158,10 +158,9 @@ class MAML(_DomainModel):
         if self.fast_weights == "tower":
             h, domain = self.embedding(x).flatten(1), x[:, self.domain_index]
             groups = group_domains(domain)
-            n = len(self._fast_linears())
-            weights = [getattr(self, f"adapted_weight_{i}").index_select(0, groups.ids) for i in range(n)]
-            biases = [getattr(self, f"adapted_bias_{i}").index_select(0, groups.ids) for i in range(n)]
-            return self._domain_logits(h, groups, weights, biases)
+            fast = [table.index_select(0, groups.ids) for table in self._adapted_tower()]  # the batch's domains
+            n = len(fast) // 2
+            return self._domain_logits(h, groups, fast[:n], fast[n:])
         z, domain = self.features(x)
         return (z * self.adapted_weight[domain]).sum(1) + self.adapted_bias[domain]  # (B,)
 
@@ -186,6 +185,14 @@ class MAML(_DomainModel):
         """Their weights, then their biases (the order of :meth:`_tower_gradients`)."""
         linears = self._fast_linears()
         return [lin.weight for lin in linears] + [lin.bias for lin in linears]
+
+    def _adapted_tower(self) -> list[Tensor]:
+        """The per-domain buffers of :meth:`_fast_parameters`, in the same order: ``(P, N, M)``
+        weights, then ``(P, N)`` biases."""
+        n = len(self._fast_linears())
+        return [getattr(self, f"adapted_weight_{i}") for i in range(n)] + [
+            getattr(self, f"adapted_bias_{i}") for i in range(n)
+        ]
 
     def _domain_logits(self, h: Tensor, groups: DomainGroups, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
         """``h (B, E_in)`` through the tower and head with each present domain's own
@@ -277,9 +284,7 @@ class MAML(_DomainModel):
         self.adapted_bias.copy_(self.head.bias[0] - self.inner_lr * sums_b / counts)
 
     def _adapt_tower(self, data: Any, batch_size: int) -> None:
-        params, n = self._fast_parameters(), len(self._fast_linears())
-        buffers = [getattr(self, f"adapted_weight_{i}") for i in range(n)]
-        buffers += [getattr(self, f"adapted_bias_{i}") for i in range(n)]
+        params, buffers = self._fast_parameters(), self._adapted_tower()
         sums = [b.new_zeros(b.shape) for b in buffers]  # (P, ...): each domain's gradient sum
         counts = buffers[0].new_zeros(self.num_domains)
         for start in range(0, len(data.y), batch_size):
