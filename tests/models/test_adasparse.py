@@ -366,7 +366,7 @@ def test_pruned_for_domain_needs_domain_only_pruners():
 # ------------------------------------------------------------------ domain awareness, training
 
 
-@pytest.mark.parametrize("fields", [[2], [0, 1], [1, 2], [2, 0], [0, 2]])
+@pytest.mark.parametrize("fields", [[2], [0, 1], [1, 2], (1, 2), [2, 0], [0, 2]])
 def test_domain_embedding_concatenates_the_fields_in_their_order(fields):
     """Adjacent fields in increasing order are read as a view of ``emb``, the others by
     indexing: both give the fields' embeddings concatenated in ``domain_fields`` order."""
@@ -374,7 +374,7 @@ def test_domain_embedding_concatenates_the_fields_in_their_order(fields):
     _, emb = _inputs()
     e_d = tower.domain_embedding(emb)
     assert torch.equal(e_d, torch.cat([emb[:, f] for f in fields], dim=1))
-    adjacent = fields == list(range(fields[0], fields[0] + len(fields)))
+    adjacent = list(fields) == list(range(fields[0], fields[0] + len(fields)))  # a list or a tuple
     assert (e_d.data_ptr() == emb[:, fields[0]].data_ptr()) == adjacent  # a view exactly when adjacent
 
 

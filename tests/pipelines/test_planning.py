@@ -247,7 +247,6 @@ def test_the_multidomain_suite_plans_with_its_domain_and_item_roles(tiny) -> Non
 
 
 def test_full_only_variants_are_checked_but_left_out_of_the_default_set(spec) -> None:
-
     training = TRAINING
     suite = {"defaults": {"model": {"family": "wdl", "embedding_dim": 4, "hidden_units": [8], "dropout": 0.0}},
              "variants": {"wdl": {}, "big": {"full_only": True, "compare_to": "wdl", "model": {"hidden_units": [16]}}}}

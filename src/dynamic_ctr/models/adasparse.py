@@ -280,9 +280,10 @@ class AdaSparseTower(nn.Module):
 
         self.in_dim, self.hidden_units = in_dim, tuple(hidden_units)
         self.domain_fields, self.embedding_dim = tuple(domain_fields), embedding_dim
-        first, count = domain_fields[0], len(domain_fields)
+        first, count = self.domain_fields[0], len(self.domain_fields)
         # adjacent fields in increasing order are read as one slice of emb (domain_embedding)
-        self._adjacent_fields = slice(first, first + count) if domain_fields == list(range(first, first + count)) else None
+        adjacent = self.domain_fields == tuple(range(first, first + count))
+        self._adjacent_fields = slice(first, first + count) if adjacent else None
         self.formulation, self.pruner_input = formulation, pruner_input
         self.beta, self.epsilon = float(beta), float(epsilon)
         self.alpha_start, self.alpha_max, self.anneal_steps = float(alpha_start), float(alpha_max), anneal_steps
