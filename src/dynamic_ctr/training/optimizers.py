@@ -373,10 +373,11 @@ class LazyAdam(torch.optim.Optimizer):
 
     #: Rows of at least this many numbers are updated in place, one kernel tensor per row.
     #: The fused kernel costs a few microseconds per tensor, the gather-and-write-back six
-    #: more passes over the rows: on the 2-core host of docs/benchmarks.md §6, 292 rows
-    #: of 2,048 numbers were updated faster gathered, of 4,096 faster in place (8.6 -> 6.2
-    #: ms); STAR's per-domain rows at P = 1,000 (292 rows each of 16K, 8K and 2K numbers)
-    #: take 13 ms a step with this threshold, 27-28 ms all gathered.
+    #: more passes over the rows: ``python benchmarks/star_kernels.py`` (docs/benchmarks.md
+    #: §6, 285 rows on 2 cores) has rows of 2,048 numbers updated faster gathered, of 4,096
+    #: about as fast either way, of 16,384 2.5x faster in place; STAR's per-domain rows at
+    #: P = 1,000 take 13 ms a step with this threshold, 27-28 ms all gathered
+    #: (``benchmarks/multidomain_step.py``).
     in_place_from: int = 4096
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
